@@ -1,0 +1,64 @@
+"""Score a saved CorInfoMax run on its test (or training) split.
+
+    python evaluate.py RUN_DIR                 # test split: top-1, top-5, sparsity, n
+    python evaluate.py RUN_DIR --split train --json
+
+Loads RUN_DIR/last.pt (weights and the resolved configuration written by train.py),
+rebuilds the same split with the same normalisation and subset, and runs the free phase
+(beta = 0, T_free iterations from rest) on every sample once; the prediction is the argmax
+of the output rates. A run trained on CUDA evaluates on a CPU-only machine.
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+import corinfomax as cim
+from train import UserError, load_checkpoint, load_data, pick_device
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="run folder written by train.py (holds last.pt)")
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="which split to score (default test)")
+    p.add_argument("--data-dir", help="data location if it moved (default: the run's own)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=1000,
+                   help="evaluation batch; results do not depend on it (default 1000)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    args = p.parse_args(argv)
+    try:
+        result = score(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        sparsity = " ".join(f"{s:.3f}" for s in result["sparsity"])
+        print(f"{args.split}: top-1 {100 * result['top1']:.2f}%  top-5 "
+              f"{100 * result['top5']:.2f}%  sparsity {sparsity}  n {result['n']}")
+    return 0
+
+
+def score(args):
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.run_dir)
+    config = ckpt["config"]
+    train = args.split == "train"
+    X, labels, _, _ = load_data(config["dataset"], args.data_dir or config["data_dir"], train,
+                                config["train_subset" if train else "test_subset"],
+                                config["norm"])
+    model = cim.CorInfoMax(cim.Config(**config["model"]))
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    return cim.evaluate(model, X.to(device), labels.to(device), args.batch_size)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

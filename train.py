@@ -1,0 +1,483 @@
+"""Train a CorInfoMax network on an image classification data set.
+
+    python train.py                                   # CIFAR-100, seed-notebook recipe, 30 epochs
+    python train.py --dataset cifar10 --epochs 10     # the paper's sparse CIFAR-10 recipe
+    python train.py --dataset imagefolder --data-dir DIR --preset cifar10
+
+The whole data set is loaded once as one tensor on the device (images flattened to rows,
+normalised as in the paper), shuffled each epoch with a seeded generator, and fed to
+`CorInfoMax.train_step` in batches as columns (N_0, m). After every epoch both splits are
+scored with the free phase; the run folder receives config.json, metrics.json, last.pt
+(written atomically) and curves.png.
+
+Every recipe value comes from a named preset (PRESETS below, from the paper's tables and
+the seed notebook) and can be overridden by its flag.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import corinfomax as cim
+
+CHECKPOINT_VERSION = 1
+
+# Recipes: layers and rates from the paper's appendix tables; "cifar100" is the seed
+# notebook's sparse recipe. lr_ff runs over W_ff[0..P-1], lr_fb over W_fb[1..P-1], q_lr
+# over layers 1..P. lr_decay d and lr_decay_until E1: mu(e) = mu_0 d^e for e < E1, else
+# mu_0 0.9^e. All recipes: eps 0.15, |beta| 1 with random sign, eta_stop 0.001, batch 20.
+PRESETS = {
+    "cifar100": dict(  # seed notebook: 13.6 % top-1 after 30 epochs (one run)
+        hidden=[2000, 1000], layer_type="sparse", lam=0.99999, lr_ff=[0.16, 0.13, 0.08],
+        lr_fb=[0.06, 0.04], q_lr=[5e-6, 5e-6, 0.01], neural_lr=0.03,
+        neural_lr_rule="constant", t_free=20, t_nudged=5, g=0.1, lr_decay=0.95,
+        lr_decay_until=15),
+    "cifar100-bounded": dict(  # paper: 20.84 +- 0.43 % top-1 after 50 epochs
+        hidden=[2000, 1000], layer_type="bounded", lam=0.99999, lr_ff=[0.18, 0.15, 0.09],
+        lr_fb=[0.08, 0.06], q_lr=[0.0, 0.0, 0.0], neural_lr=0.06,
+        neural_lr_rule="constant", t_free=50, t_nudged=20, g=0.1, lr_decay=0.99,
+        lr_decay_until=20),
+    "cifar10": dict(  # paper, sparse: 51.19 +- 0.36 % after 50 epochs
+        hidden=[1000], layer_type="sparse", lam=0.99999, lr_ff=[0.095, 0.075], lr_fb=[0.05],
+        q_lr=[1e-5, 0.01], neural_lr=0.025, neural_lr_rule="divide_by_slow_loop_index",
+        t_free=30, t_nudged=10, g=0.1, lr_decay=0.95, lr_decay_until=15),
+    "cifar10-bounded": dict(  # paper, bounded: 51.86 +- 0.33 % after 50 epochs
+        hidden=[1000], layer_type="bounded", lam=0.99995, lr_ff=[0.08, 0.04], lr_fb=[0.04],
+        q_lr=[0.0, 0.0], neural_lr=0.05, neural_lr_rule="constant", t_free=30, t_nudged=10,
+        g=0.1, lr_decay=0.95, lr_decay_until=15),
+    "mnist": dict(  # paper, sparse: 97.71 %
+        hidden=[500], layer_type="sparse", lam=0.99999, lr_ff=[1.0, 0.7], lr_fb=[0.12],
+        q_lr=[1e-6, 0.01], neural_lr=0.05, neural_lr_rule="constant", t_free=20,
+        t_nudged=4, g=0.5, lr_decay=0.95, lr_decay_until=15),
+    "mnist-bounded": dict(  # paper, bounded: 97.62 %
+        hidden=[500], layer_type="bounded", lam=0.99999, lr_ff=[1.0, 0.7], lr_fb=[0.15],
+        q_lr=[0.0, 0.0], neural_lr=0.05, neural_lr_rule="constant", t_free=30,
+        t_nudged=10, g=0.5, lr_decay=0.95, lr_decay_until=15),
+    "fashion-mnist": dict(  # paper, sparse: 88.09 %
+        hidden=[500], layer_type="sparse", lam=0.99999, lr_ff=[0.35, 0.23], lr_fb=[0.06],
+        q_lr=[1e-6, 0.01], neural_lr=0.045, neural_lr_rule="divide_by_slow_loop_index",
+        t_free=20, t_nudged=10, g=0.2, lr_decay=0.95, lr_decay_until=11),
+    "fashion-mnist-bounded": dict(  # paper, bounded: 88.14 % (see README: schedule)
+        hidden=[500], layer_type="bounded", lam=0.99999, lr_ff=[0.3, 0.22], lr_fb=[0.07],
+        q_lr=[0.0, 0.0], neural_lr=0.07, neural_lr_rule="divide_by_slow_loop_index",
+        t_free=30, t_nudged=10, g=0.3, lr_decay=0.95, lr_decay_until=20),
+}
+COMMON = dict(eps=0.15, beta=1.0, neural_lr_stop=0.001, batch_size=20, third_phase=False,
+              exact_lateral=False)
+DEFAULT_PRESET = {"cifar100": "cifar100", "cifar10": "cifar10", "imagefolder": "cifar10",
+                  "mnist": "mnist", "fashion-mnist": "fashion-mnist"}
+
+# CIFAR normalisation of the paper: ToTensor, then mean and three times the std per channel.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD3 = (3 * 0.2023, 3 * 0.1994, 3 * 0.2010)
+DOWNLOADS = {
+    "cifar100": "cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/ "
+                "(or its extracted folder cifar-100-python/)",
+    "cifar10": "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/ "
+               "(or its extracted folder cifar-10-batches-py/)",
+    "mnist": "the four MNIST .gz files (train-images-idx3-ubyte.gz, ...) into MNIST/raw/",
+    "fashion-mnist": "the four Fashion-MNIST .gz files into FashionMNIST/raw/",
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+def floats(text):
+    return [float(v) for v in text.split(",")]
+
+
+def ints(text):
+    return [int(v) for v in text.split(",")]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="cifar100", choices=sorted(DEFAULT_PRESET),
+                   help="data set (default cifar100, the seed notebook's)")
+    p.add_argument("--data-dir", default="./data",
+                   help="where torchvision keeps the data; for imagefolder the folder with "
+                        "train/ and test/ (or val/) class folders (default ./data)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named recipe (default: follows --dataset: cifar100 -> cifar100, "
+                        "cifar10 and imagefolder -> cifar10, mnist -> mnist, ...)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs (default 30, as the seed)")
+    p.add_argument("--batch-size", type=int, help="training batch (default 20, the paper's)")
+    p.add_argument("--eval-batch-size", type=int, default=1000,
+                   help="evaluation batch; results do not depend on it (default 1000)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (default auto: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffle, beta signs")
+    p.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR after its last completed epoch")
+    p.add_argument("--train-subset", type=int, metavar="N",
+                   help="train on a fixed sample of N (the same in every run; quick checks)")
+    p.add_argument("--test-subset", type=int, metavar="N",
+                   help="test on a fixed sample of N (the same in every run; quick checks)")
+    g = p.add_argument_group("recipe overrides (defaults from --preset)")
+    g.add_argument("--hidden", type=ints, help="hidden sizes, e.g. 2000,1000")
+    g.add_argument("--layer-type", help="sparse or bounded, or one per layer: sparse,bounded")
+    g.add_argument("--lam", type=float, help="forgetting factor lambda of the correlations")
+    g.add_argument("--eps", type=float, help="epsilon (0.15 in every recipe)")
+    g.add_argument("--g", type=float, help="leak conductance g")
+    g.add_argument("--beta", type=float, help="nudge strength |beta| (1 in every recipe)")
+    g.add_argument("--neural-lr", type=float, help="Euler step eta_0 of the dynamics")
+    g.add_argument("--neural-lr-stop", type=float, help="floor of eta_s (0.001)")
+    g.add_argument("--neural-lr-rule", choices=cim.NEURAL_LR_RULES, help="step-size rule")
+    g.add_argument("--t-free", type=int, help="free-phase iterations")
+    g.add_argument("--t-nudged", type=int, help="nudged-phase iterations")
+    g.add_argument("--lr-ff", type=floats, help="mu_ff per layer, W_ff[0] first")
+    g.add_argument("--lr-fb", type=floats, help="mu_fb per layer, W_fb[1] first")
+    g.add_argument("--q-lr", type=floats, help="interneuron step eta_q per layer, layer 1 first")
+    g.add_argument("--lr-decay", type=float, help="per-epoch decay d of the learning rates")
+    g.add_argument("--lr-decay-until", type=int, help="epoch E1 where the decay becomes 0.9^e")
+    g.add_argument("--third-phase", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric nudging with a third phase at -beta (off in the recipes)")
+    g.add_argument("--exact-lateral", action=argparse.BooleanOptionalAction, default=None,
+                   help="exact rank-m inverse for B instead of the first-order update")
+    return p
+
+
+def resolve_recipe(args):
+    """The preset named by --preset (or the data set's default) with flags applied."""
+    name = args.preset or DEFAULT_PRESET[args.dataset]
+    recipe = dict(COMMON, **PRESETS[name], preset=name)
+    for key in list(recipe):
+        value = getattr(args, key, None)
+        if value is not None:
+            recipe[key] = value
+    return recipe
+
+
+def model_config(recipe, n_in, n_classes):
+    """The corinfomax.Config of a recipe for data with n_in inputs and n_classes classes."""
+    sizes = [n_in] + list(recipe["hidden"]) + [n_classes]
+    P = len(sizes) - 1
+    types = recipe["layer_type"].split(",")
+    if len(types) == 1:
+        types = types * P
+    return cim.Config(
+        sizes=sizes, layer_types=types, lr_ff=list(recipe["lr_ff"]),
+        lr_fb=list(recipe["lr_fb"]), q_lr=list(recipe["q_lr"]), lam=recipe["lam"],
+        eps=recipe["eps"], g=recipe["g"], beta=recipe["beta"], neural_lr=recipe["neural_lr"],
+        neural_lr_stop=recipe["neural_lr_stop"], neural_lr_rule=recipe["neural_lr_rule"],
+        t_free=recipe["t_free"], t_nudged=recipe["t_nudged"],
+        third_phase=recipe["third_phase"], exact_lateral=recipe["exact_lateral"])
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but this PyTorch sees no CUDA GPU: "
+                        "use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------
+
+def torchvision_split(dataset, data_dir, train):
+    """Images (n, C, H, W) uint8 and labels (n,) of a torchvision data set, downloading it
+    when missing; a failed download becomes one UserError naming the files to place."""
+    import torchvision.datasets as tvd
+
+    cls = {"cifar100": tvd.CIFAR100, "cifar10": tvd.CIFAR10, "mnist": tvd.MNIST,
+           "fashion-mnist": tvd.FashionMNIST}[dataset]
+    try:
+        ds = cls(data_dir, train=train, download=False)
+    except RuntimeError:
+        try:
+            ds = cls(data_dir, train=train, download=True)
+        except Exception as exc:
+            raise UserError(
+                f"could not find or download {dataset} in {data_dir} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else 'no details'}): with no network, "
+                f"place {DOWNLOADS[dataset]} in {data_dir}/ and rerun") from None
+    data = torch.as_tensor(np.asarray(ds.data))
+    images = data.permute(0, 3, 1, 2) if data.ndim == 4 else data[:, None]  # (n, C, H, W)
+    return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long), \
+        len(ds.classes)
+
+
+def subset_indices(n, subset):
+    """Indices of the --train-subset / --test-subset sample: the first `subset` of one fixed
+    permutation (the same in every run), since ImageFolder lists are sorted by class."""
+    if subset is None or subset >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:subset]
+
+
+def imagefolder_split(data_dir, train, subset=None):
+    """Images (n, C, H, W) uint8, labels and class count from DIR/train or DIR/test|val."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+
+    root = Path(data_dir)
+    sub = root / "train" if train else next(
+        (root / s for s in ("test", "val") if (root / s).is_dir()), root / "test")
+    if not sub.is_dir():
+        raise UserError(f"imagefolder: {sub} is not a folder; --data-dir needs train/ and "
+                        "test/ (or val/) folders with one subfolder per class")
+    try:
+        ds = ImageFolder(str(sub), loader=Image.open)
+    except (FileNotFoundError, OSError) as exc:
+        raise UserError(f"imagefolder: {str(exc).splitlines()[0]}") from None
+    samples = [ds.samples[i] for i in subset_indices(len(ds.samples), subset)]
+    images, first = [], None
+    for path, _ in samples:
+        with Image.open(path) as img:
+            key = (img.mode, img.size)
+            if first is None:
+                first = (key, path)
+            elif key != first[0]:
+                raise UserError(
+                    f"imagefolder: {path} is {key[0]} {key[1][0]}x{key[1][1]} but {first[1]} "
+                    f"is {first[0][0]} {first[0][1][0]}x{first[0][1][1]}: all images must "
+                    "share one size and colour mode; convert them first")
+            images.append(pil_to_tensor(img))
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    return torch.stack(images), labels, len(ds.classes)
+
+
+def load_data(dataset, data_dir, train, subset=None, norm=None):
+    """One split as float rows (n, N_0) and labels (n,), normalised as in the paper.
+
+    norm: (mean, std) per channel; None takes the data set's own: CIFAR constants, [0, 1]
+    for MNIST-like data, and for imagefolder the split's own channel means and 3x stds.
+    Returns X, labels, n_classes, norm.
+    """
+    if dataset == "imagefolder":
+        images, labels, n_classes = imagefolder_split(data_dir, train, subset)
+    else:
+        images, labels, n_classes = torchvision_split(dataset, data_dir, train)
+        keep = subset_indices(len(labels), subset)
+        images, labels = images[keep], labels[keep]
+    x = images.float() / 255.0  # ToTensor, (n, C, H, W)
+    if norm is None:
+        if dataset in ("cifar10", "cifar100"):
+            norm = (list(CIFAR_MEAN), list(CIFAR_STD3))
+        elif dataset == "imagefolder":
+            norm = (x.mean((0, 2, 3)).tolist(), (3 * x.std((0, 2, 3))).tolist())
+        else:
+            norm = ([0.0] * x.shape[1], [1.0] * x.shape[1])
+    mean = torch.tensor(norm[0])[None, :, None, None]
+    std = torch.tensor(norm[1])[None, :, None, None]
+    X = ((x - mean) / std).reshape(x.shape[0], -1)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
+        raise UserError(f"labels outside 0..{n_classes - 1} in the {dataset} data: "
+                        "check the data files")
+    return X, labels, n_classes, norm
+
+
+# ----------------------------------------------------------------------------------------
+# Run folder: checkpoint, metrics, plot
+# ----------------------------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: an interrupted save leaves the old file."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def rng_states(gen):
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "generator": gen.get_state(),
+            "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      *np_state[2:]]}
+
+
+def set_rng_states(states, gen):
+    torch.set_rng_state(states["torch"])
+    gen.set_state(states["generator"])
+    py = states["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = states["numpy"]
+    np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), *npst[2:]))
+
+
+def plot_curves(metrics, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [100 * m["train_top1"] for m in metrics], "o-", label="train top-1")
+    ax.plot(epochs, [100 * m["test_top1"] for m in metrics], "o-", label="test top-1")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir):
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise UserError(f"no checkpoint {path}: pass the folder of a run that finished at "
+                        "least one epoch")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format_version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} has checkpoint format {ckpt.get('format_version')}, this "
+                        f"code reads format {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------
+
+class Diverged(Exception):
+    """Rates or weights became non-finite."""
+
+
+def weights_finite(model):
+    return all(bool(torch.isfinite(b).all()) for b in model.buffers())
+
+
+def train_epoch(model, X, labels, batch_size, scale, gen, bar):
+    """One pass over the shuffled training rows. Checks for divergence every 100 steps."""
+    n = X.shape[0]
+    order = torch.randperm(n, generator=gen).to(X.device)
+    for i, start in enumerate(range(0, n, batch_size)):
+        idx = order[start:start + batch_size]
+        free = model.train_step(X[idx].T, labels[idx], scale, generator=gen)
+        if i % 100 == 0 and not math.isfinite(free[model.P].sum().item()):
+            raise Diverged(f"non-finite rates at step {i}")
+        bar.update(1)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Diverged as exc:
+        print(f"error: training diverged ({exc}): the neural step --neural-lr or the learning "
+              "rates --lr-ff/--lr-fb are likely too large; the last good checkpoint is kept",
+              file=sys.stderr)
+        return 3
+
+
+def run(args):
+    from tqdm import tqdm
+
+    device = pick_device(args.device)
+
+    # Configuration: a new run resolves its recipe; a resumed run reads its own.
+    if args.resume:
+        out = Path(args.resume)
+        ckpt = load_checkpoint(out)
+        config = ckpt["config"]
+        config["epochs"] = args.epochs
+    else:
+        recipe = resolve_recipe(args)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out or f"runs/{args.dataset}-{stamp}")
+        if (out / "last.pt").exists():
+            raise UserError(f"{out} already holds a run: pass --resume {out} to continue it, "
+                            "or another --out")
+        config = dict(recipe, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
+                      epochs=args.epochs, train_subset=args.train_subset,
+                      test_subset=args.test_subset)
+
+    # Data: both splits as one tensor each on the device.
+    Xtr, Ytr, n_classes, norm = load_data(config["dataset"], config["data_dir"], True,
+                                          config["train_subset"], config.get("norm"))
+    Xte, Yte, _, _ = load_data(config["dataset"], config["data_dir"], False,
+                               config["test_subset"], norm)
+    config["norm"] = norm
+    Xtr, Ytr, Xte, Yte = (t.to(device) for t in (Xtr, Ytr, Xte, Yte))
+
+    # Model, generator and history, fresh or from the checkpoint.
+    try:
+        cfg = model_config(config, Xtr.shape[1], n_classes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    config["model"] = cfg.to_dict()
+    torch.manual_seed(config["seed"])
+    gen = torch.Generator().manual_seed(config["seed"])
+    model = cim.CorInfoMax(cfg, seed=config["seed"])
+    metrics, start = [], 0
+    if args.resume:
+        model.load_state_dict(ckpt["model"])
+        set_rng_states(ckpt["rng"], gen)
+        metrics, start = ckpt["metrics"], ckpt["epoch"]
+    model.to(device)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(config, out / "config.json")
+
+    bs = config["batch_size"]
+    steps = math.ceil(Xtr.shape[0] / bs)
+    print(f"{config['dataset']}: {Xtr.shape[0]} train, {Xte.shape[0]} test, layers "
+          f"{cfg.sizes} ({','.join(cfg.layer_types)}), preset {config['preset']}, {device}, "
+          f"run folder {out}")
+    for epoch in range(start, config["epochs"]):
+        t0 = time.time()
+        scale = cim.lr_scale(epoch, config["lr_decay"], config["lr_decay_until"])
+        with tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", leave=False,
+                  dynamic_ncols=True) as bar:
+            train_epoch(model, Xtr, Ytr, bs, scale, gen, bar)
+        if not weights_finite(model):
+            raise Diverged(f"non-finite weights after epoch {epoch + 1}")
+        tr = cim.evaluate(model, Xtr, Ytr, args.eval_batch_size)
+        te = cim.evaluate(model, Xte, Yte, args.eval_batch_size)
+        seconds = time.time() - t0
+        metrics.append({"epoch": epoch + 1, "lr_scale": scale, "train_top1": tr["top1"],
+                        "train_top5": tr["top5"], "test_top1": te["top1"],
+                        "test_top5": te["top5"], "sparsity": te["sparsity"],
+                        "seconds": seconds})
+        save_atomic({"format_version": CHECKPOINT_VERSION, "model": model.state_dict(),
+                     "config": config, "epoch": epoch + 1, "metrics": metrics,
+                     "rng": rng_states(gen)}, out / "last.pt")
+        write_json_atomic(metrics, out / "metrics.json")
+        plot_curves(metrics, out / "curves.png")
+        sparsity = " ".join(f"{s:.2f}" for s in te["sparsity"])
+        print(f"epoch {epoch + 1}/{config['epochs']} | lr x{scale:.3f} | train top-1 "
+              f"{100 * tr['top1']:.2f}% top-5 {100 * tr['top5']:.2f}% | test top-1 "
+              f"{100 * te['top1']:.2f}% top-5 {100 * te['top5']:.2f}% | sparsity {sparsity} | "
+              f"{seconds:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

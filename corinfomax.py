@@ -297,7 +297,7 @@ class CorInfoMax(nn.Module):
         x: (N_0, m) inputs as columns; labels: (m,) class indices. lr_scale multiplies
         every synaptic learning rate (the epoch schedule). Returns the free-phase rates.
         """
-        cfg, P = self.cfg, self.P
+        cfg = self.cfg
         y = one_hot(labels, self.n_classes, x.dtype)  # (N_P, m)
         beta = self.draw_beta(generator)
         m = x.shape[1]
@@ -380,7 +380,7 @@ class CorInfoMax(nn.Module):
         from batch correlations (k = 0..P-1), in nats.
         """
         r = [x] + self.free_phase(x)[1:]
-        sparsity = [(r[k] < SPARSITY_THRESHOLD).double().mean().item() for k in range(1, self.P + 1)]
+        sparsity = [silent_fraction(r[k]).mean().item() for k in range(1, self.P + 1)]
         angles = []
         for k in range(1, self.P):
             a, b = self.W_ff[k].double(), self.W_fb[k].T.double()
@@ -389,6 +389,11 @@ class CorInfoMax(nn.Module):
         corinfo = [correlative_information(r[k], r[k + 1], self.W_ff[k], self.cfg.eps)
                    for k in range(self.P)]
         return {"sparsity": sparsity, "angle": angles, "corinfo": corinfo}
+
+
+def silent_fraction(r):
+    """Per sample, the fraction of a layer's rates below 0.01: (N_k, m) -> (m,)."""
+    return (r < SPARSITY_THRESHOLD).double().mean(0)
 
 
 def correlative_information(r_in, r_out, W, eps):
@@ -429,7 +434,8 @@ def evaluate(model, X, labels, batch_size=1000, progress=None):
         correct1 += (top[0] == y).sum().item()
         correct5 += (top == y[None]).any(0).sum().item()
         for k in range(1, model.P + 1):
-            silent[k - 1] += (r[k] < SPARSITY_THRESHOLD).sum(0).double().div(r[k].shape[0]).sum().item()
+            silent[k - 1] += silent_fraction(r[k]).sum().item()
         if progress is not None:
             progress.update(x.shape[1])
-    return {"top1": correct1 / n, "top5": correct5 / n, "sparsity": [s / n for s in silent], "n": n}
+    sparsity = [s / n for s in silent]
+    return {"top1": correct1 / n, "top5": correct5 / n, "sparsity": sparsity, "n": n}

@@ -13,8 +13,6 @@ import argparse
 import json
 import sys
 
-import torch
-
 import corinfomax as cim
 from train import UserError, load_checkpoint, load_data, pick_device
 

@@ -1,0 +1,656 @@
+"""Tests of corinfomax.py, train.py and evaluate.py against independent oracles.
+
+Equation numbers are those of the corinfomax module docstring (design/equations.md):
+
+- dynamics (6)-(10): one and two relaxation iterations of a [2, 3, 2] network, for every
+  mix of sparse and bounded layers, against the equations written out element by element
+  in plain Python; the step-size rules; the interneuron (9) against its closed-form rest
+  state. Both `relax` and the regrouped `relax_fast` are held to the same numbers;
+- learning (11)-(13): weight and lateral updates against per-sample outer products summed
+  in a Python loop; the exact lateral update against a dense matrix inverse, and the
+  first-order one against that inverse as gamma shrinks;
+- a whole step (plain, fast, and train.py's GraphedStep without capture) against the
+  phases composed by hand from the spec, with the third phase and random signs (14);
+- evaluation against each sample relaxed alone; learning on synthetic clusters;
+- train.py and evaluate.py end to end on tiny data sets written in temporary folders
+  (never the network), and the input checks.
+
+CPU only (plus CUDA cases when a GPU is present), seeded, float64 where precision matters.
+"""
+
+import json
+import pickle
+import time
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets
+from PIL import Image
+
+import corinfomax as cim
+import evaluate as evaluate_cli
+import train
+
+F64 = torch.float64
+
+
+def make_model(sizes, types, seed=0, **kw):
+    """A float64 network with small per-layer learning rates unless overridden."""
+    P = len(sizes) - 1
+    kw.setdefault("lr_ff", [0.3, 0.2, 0.1][:P])
+    kw.setdefault("lr_fb", [0.07, 0.05][:P - 1])
+    kw.setdefault("q_lr", [0.01] * P)
+    cfg = cim.Config(sizes=sizes, layer_types=types, **kw)
+    return cim.CorInfoMax(cfg, seed=seed, dtype=F64)
+
+
+def random_rates(sizes, m, seed):
+    """Two phases of rates [x, r_1, ..., r_P] sharing the input x, as train_step has them."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(sizes[0], m, generator=gen, dtype=F64)
+    rf = [x] + [torch.rand(n, m, generator=gen, dtype=F64) for n in sizes[1:]]
+    rn = [x] + [torch.rand(n, m, generator=gen, dtype=F64) for n in sizes[1:]]
+    return rf, rn
+
+
+# ----------------------------------------------------------------------------------------
+# Neural dynamics, Eqs. 6-10, worked element by element
+# ----------------------------------------------------------------------------------------
+
+# A [2, 3, 2] network: hidden layer 1 (3 neurons), output layer 2 (2 neurons), 2 samples.
+EPS, G, LAM, ETA0 = 0.5, 0.2, 0.8, 0.3
+GAMMA = (1 - LAM) / LAM  # 0.25
+Q_LR = [0.5, 0.4]
+DRIVE = [[2.0, -3.0], [0.5, 1.5], [-1.0, 4.0]]  # W_ff[0] x, (3, 2)
+R1 = [[0.3, 0.0], [0.6, 0.9], [0.1, 0.4]]
+R2 = [[0.2, 0.7], [0.5, 0.0]]
+Q1, Q2 = [0.3, 0.1], [0.2, 0.05]  # interneurons of sparse layers (bounded: zero)
+W_FF1 = [[0.5, -0.4, 2.5], [-0.9, 0.8, 0.6]]
+W_FB1 = [[0.7, -0.2], [0.1, 0.9], [-0.5, 0.4]]
+B1 = [[1.2, 0.1, -0.2], [0.1, 0.9, 0.3], [-0.2, 0.3, 1.5]]
+B2 = [[0.8, -0.1], [-0.1, 1.1]]
+Y = [[0.0, 1.0], [1.0, 0.0]]  # labels 1 and 0 as one-hot columns
+
+
+def rate(u, kind):
+    """Eq. 8: relu for a sparse layer, clip to [0, 1] for a bounded one."""
+    return max(u, 0.0) if kind == "sparse" else min(max(u, 0.0), 1.0)
+
+
+def hand_relax(types, etas, beta):
+    """Eqs. 6-9 in plain Python, one sample (column j) and one neuron (i) at a time."""
+    out_r1 = [[0.0, 0.0] for _ in range(3)]
+    out_r2 = [[0.0, 0.0] for _ in range(2)]
+    out_q1, out_q2 = [], []
+    for j in range(2):
+        r1 = [R1[i][j] for i in range(3)]
+        r2 = [R2[i][j] for i in range(2)]
+        q1 = Q1[j] if types[0] == "sparse" else 0.0
+        q2 = Q2[j] if types[1] == "sparse" else 0.0
+        u1, u2, a1, a2 = r1[:], r2[:], q1, q2  # a phase starts with u = r and a = q
+        for eta in etas:
+            # Eq. 6, hidden layer, every neuron from the rates before this iteration.
+            new_u1 = []
+            for i in range(3):
+                basal = DRIVE[i][j]
+                b_r = B1[i][0] * r1[0] + B1[i][1] * r1[1] + B1[i][2] * r1[2]
+                top_down = W_FB1[i][0] * r2[0] + W_FB1[i][1] * r2[1]
+                apical = EPS * (2 * GAMMA * b_r + G * r1[i] - q1) + top_down
+                du = -G * u1[i] + (basal - u1[i]) / EPS + (apical - u1[i]) / EPS
+                new_u1.append(u1[i] + eta * du)
+            u1 = new_u1
+            r1 = [rate(v, types[0]) for v in u1]
+            if types[0] == "sparse":  # Eq. 9
+                a1 = a1 + Q_LR[0] * (-a1 + (r1[0] + r1[1] + r1[2] - 1) + q1)
+                q1 = max(a1, 0.0)
+            # Eq. 7, output layer, from the new hidden rates.
+            new_u2 = []
+            for i in range(2):
+                basal = W_FF1[i][0] * r1[0] + W_FF1[i][1] * r1[1] + W_FF1[i][2] * r1[2]
+                b_r = B2[i][0] * r2[0] + B2[i][1] * r2[1]
+                apical = GAMMA * b_r + G * r2[i] - q2 - beta * (r2[i] - Y[i][j])
+                du = -G * u2[i] + (basal - u2[i]) / EPS + (apical - u2[i])
+                new_u2.append(u2[i] + eta * du)
+            u2 = new_u2
+            r2 = [rate(v, types[1]) for v in u2]
+            if types[1] == "sparse":
+                a2 = a2 + Q_LR[1] * (-a2 + (r2[0] + r2[1] - 1) + q2)
+                q2 = max(a2, 0.0)
+        for i in range(3):
+            out_r1[i][j] = r1[i]
+        for i in range(2):
+            out_r2[i][j] = r2[i]
+        out_q1.append(q1)
+        out_q2.append(q2)
+    return out_r1, out_r2, [out_q1], [out_q2]
+
+
+def relax_explicit_network(types, steps, beta, relax, rule="constant"):
+    cfg = cim.Config(sizes=[2, 3, 2], layer_types=list(types), lr_ff=[0.1, 0.1],
+                     lr_fb=[0.1], q_lr=Q_LR, lam=LAM, eps=EPS, g=G, neural_lr=ETA0,
+                     neural_lr_rule=rule)
+    model = cim.CorInfoMax(cfg, dtype=F64)
+
+    def t(rows):
+        return torch.tensor(rows, dtype=F64)
+
+    model.W_ff_1.copy_(t(W_FF1))
+    model.W_fb_1.copy_(t(W_FB1))
+    model.B_1.copy_(t(B1))
+    model.B_2.copy_(t(B2))
+    q1 = t([Q1]) if types[0] == "sparse" else torch.zeros(1, 2, dtype=F64)
+    q2 = t([Q2]) if types[1] == "sparse" else torch.zeros(1, 2, dtype=F64)
+    r, q = [None, t(R1), t(R2)], [None, q1, q2]
+    return getattr(model, relax)(t(DRIVE), r, q, beta, t(Y), steps)
+
+
+LAYER_TYPE_PAIRS = [("sparse", "sparse"), ("sparse", "bounded"), ("bounded", "sparse"),
+                    ("bounded", "bounded")]
+RELAXERS = ["relax", "relax_fast"]  # the plain form and the regrouped one must agree
+
+
+@pytest.mark.parametrize("relax", RELAXERS)
+@pytest.mark.parametrize("types", LAYER_TYPE_PAIRS, ids="-".join)
+def test_one_relaxation_iteration_matches_hand_computation(types, relax):
+    r, q = relax_explicit_network(types, steps=1, beta=0.7, relax=relax)
+    e_r1, e_r2, e_q1, e_q2 = hand_relax(types, [ETA0], beta=0.7)
+    # The numbers reach both edges of each layer's domain (u < 0, and u > 1: clipped in a
+    # bounded layer, kept in a sparse one) and move every sparse layer's interneuron.
+    for kind, rates, q_start, q_end in ((types[0], e_r1, Q1, e_q1), (types[1], e_r2, Q2, e_q2)):
+        flat = [v for row in rates for v in row]
+        assert 0.0 in flat and (1.0 in flat if kind == "bounded" else max(flat) > 1.0)
+        assert kind == "bounded" or q_end[0] != q_start
+    torch.testing.assert_close(r[1], torch.tensor(e_r1, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r[2], torch.tensor(e_r2, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q[1], torch.tensor(e_q1, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q[2], torch.tensor(e_q2, dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("relax", RELAXERS)
+@pytest.mark.parametrize("types", LAYER_TYPE_PAIRS, ids="-".join)
+def test_two_iterations_with_decaying_step_match_hand_computation(types, relax):
+    # divide_by_loop_index: eta_0 = 0.3, eta_1 = 0.15; u and a carry over between them.
+    r, q = relax_explicit_network(types, steps=2, beta=-0.6, relax=relax,
+                                  rule="divide_by_loop_index")
+    e_r1, e_r2, e_q1, e_q2 = hand_relax(types, [ETA0, ETA0 / 2], beta=-0.6)
+    torch.testing.assert_close(r[1], torch.tensor(e_r1, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r[2], torch.tensor(e_r2, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q[1], torch.tensor(e_q1, dtype=F64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q[2], torch.tensor(e_q2, dtype=F64), rtol=1e-12, atol=1e-12)
+
+
+def test_step_size_rules():
+    def cfg(rule):
+        return cim.Config(sizes=[2, 2], layer_types=["bounded"], lr_ff=[0.1], lr_fb=[],
+                          neural_lr=0.5, neural_lr_stop=0.01, neural_lr_rule=rule)
+
+    steps = [cim.neural_step_size(cfg("constant"), s) for s in (0, 7, 500)]
+    assert steps == [0.5, 0.5, 0.5]
+    steps = [cim.neural_step_size(cfg("divide_by_loop_index"), s) for s in (0, 1, 9, 99)]
+    assert steps == pytest.approx([0.5, 0.25, 0.05, 0.01])  # 0.005 is floored at 0.01
+    steps = [cim.neural_step_size(cfg("divide_by_slow_loop_index"), s) for s in (0, 100, 9900)]
+    assert steps == pytest.approx([0.5, 0.25, 0.01])  # 0.5 / 100 = 0.005 -> 0.01
+
+
+# ----------------------------------------------------------------------------------------
+# Interneuron, Eq. 9
+# ----------------------------------------------------------------------------------------
+
+STRONG_DRIVE = [[2.0, 5.0, 10.0], [3.0, 4.0, 8.0], [1.5, 6.0, 9.0], [2.5, 5.5, 12.0]]
+
+
+@pytest.mark.parametrize("relax", RELAXERS)
+@pytest.mark.parametrize("sizes", [[3, 4, 2], [3, 4]], ids=["hidden", "output"])
+def test_interneuron_brings_l1_norm_to_one(sizes, relax):
+    P = len(sizes) - 1
+    drive = torch.tensor(STRONG_DRIVE, dtype=F64)  # (4, 3): large and positive
+    sums = {}
+    for q_lr in (0.0, 0.1):
+        model = make_model(sizes, ["sparse"] * P, q_lr=[q_lr] * P, neural_lr=0.03)
+        r, q = model.zero_state(3)
+        r, q = getattr(model, relax)(drive, r, q, 0.0, None, 1500)
+        sums[q_lr] = r[1].sum(0)
+    assert (sums[0.0] > 4).all()  # without the interneuron the layer is far above 1
+    torch.testing.assert_close(sums[0.1], torch.ones(3, dtype=F64), rtol=0, atol=1e-3)
+
+
+def test_interneuron_steady_state_matches_closed_form():
+    # One sparse output layer, gamma ~ 0: at rest, for an active neuron (r = u),
+    # 0 = -g u + (d - u) / eps + (g u - q - u), so u = (d / eps - q) / (1 / eps + 1), and
+    # sum over the active set = 1 gives q = (sum_active d / eps - (1 / eps + 1)) / n_active.
+    eps = 0.15
+    model = make_model([3, 4], ["sparse"], q_lr=[0.1], neural_lr=0.03, lam=1 - 1e-12, eps=eps)
+    r, q = model.zero_state(3)
+    r, q = model.relax(torch.tensor(STRONG_DRIVE, dtype=F64), r, q, 0.0, None, 2000)
+    c = 1 / eps + 1
+    expected_q = [(3.0 / eps + 2.5 / eps - c) / 2,  # neurons 1 and 3 active (drive 3, 2.5)
+                  (6.0 / eps + 5.5 / eps - c) / 2,  # neurons 2 and 3 (drive 6, 5.5)
+                  (12.0 / eps - c) / 1]  # neuron 3 alone (drive 12)
+    torch.testing.assert_close(q[1][0], torch.tensor(expected_q, dtype=F64), rtol=1e-6,
+                               atol=0)
+    active = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(r[1] > 0, active)
+
+
+# ----------------------------------------------------------------------------------------
+# Learning rules, Eqs. 11-13
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_drive", [False, True])
+def test_weight_updates_equal_mean_of_per_sample_outer_products(with_drive):
+    sizes, m, beta = [4, 3, 5, 2], 6, -0.8
+    model = make_model(sizes, ["sparse", "bounded", "sparse"])
+    rf, rn = random_rates(sizes, m, seed=1)
+    W_ff = [w.clone() for w in model.W_ff]
+    W_fb = [None] + [w.clone() for w in model.W_fb[1:]]
+    lr_ff, lr_fb = model.cfg.lr_ff, model.cfg.lr_fb
+
+    expected_ff = []
+    for k in range(3):  # Eq. 11, one sample at a time
+        total = torch.zeros_like(W_ff[k])
+        for i in range(m):
+            e_n = rn[k + 1][:, i] - W_ff[k] @ rn[k][:, i]
+            e_f = rf[k + 1][:, i] - W_ff[k] @ rf[k][:, i]
+            total += torch.outer(e_n, rn[k][:, i]) - torch.outer(e_f, rf[k][:, i])
+        expected_ff.append(W_ff[k] + lr_ff[k] / beta * total / m)
+    expected_fb = [None]
+    for k in (1, 2):  # Eq. 12, one sample at a time
+        total = torch.zeros_like(W_fb[k])
+        for i in range(m):
+            e_n = rn[k][:, i] - W_fb[k] @ rn[k + 1][:, i]
+            e_f = rf[k][:, i] - W_fb[k] @ rf[k + 1][:, i]
+            total += torch.outer(e_n, rn[k + 1][:, i]) - torch.outer(e_f, rf[k + 1][:, i])
+        expected_fb.append(W_fb[k] + lr_fb[k - 1] / beta * total / m)
+
+    drive = W_ff[0] @ rf[0] if with_drive else None
+    model.update_weights(rf, rn, 1.0 / (beta * m), drive)
+    for k in range(3):
+        torch.testing.assert_close(model.W_ff[k], expected_ff[k], rtol=1e-12, atol=1e-12)
+    for k in (1, 2):
+        torch.testing.assert_close(model.W_fb[k], expected_fb[k], rtol=1e-12, atol=1e-12)
+
+
+def test_first_order_lateral_update_equals_per_sample_loop():
+    sizes, m, lam = [4, 3, 5, 2], 6, 0.9
+    model = make_model(sizes, ["sparse"] * 3, lam=lam)
+    _, rn = random_rates(sizes, m, seed=2)
+    gamma = (1 - lam) / lam
+    expected = [None]
+    for k in range(1, 4):  # Eq. 13: B <- (B - gamma mean_i (B r_i)(B r_i)^T) / lam
+        B = model.B[k].clone()
+        total = torch.zeros_like(B)
+        for i in range(m):
+            z = B @ rn[k][:, i]
+            total += torch.outer(z, z)
+        expected.append((B - gamma * total / m) / lam)
+    model.update_lateral(rn)
+    for k in range(1, 4):
+        torch.testing.assert_close(model.B[k], expected[k], rtol=1e-12, atol=1e-12)
+
+
+def dense_lateral(B_old, r, lam):
+    """The inverse of lam R + (1 - lam) / m r r^T with R = B_old^{-1}, by explicit inverses."""
+    m = r.shape[1]
+    return torch.linalg.inv(lam * torch.linalg.inv(B_old) + (1 - lam) / m * r @ r.T)
+
+
+def lateral_after_update(sizes, rn, lam, exact):
+    model = make_model(sizes, ["sparse"] * (len(sizes) - 1), lam=lam, exact_lateral=exact)
+    before = [b.clone() for b in model.B[1:]]
+    model.update_lateral(rn)
+    return before, [b.clone() for b in model.B[1:]]
+
+
+def test_exact_lateral_update_equals_dense_inverse():
+    sizes, lam = [3, 4, 3], 0.9
+    _, rn = random_rates(sizes, m=5, seed=3)
+    before, after = lateral_after_update(sizes, rn, lam, exact=True)
+    for k in range(2):
+        expected = dense_lateral(before[k], rn[k + 1], lam)
+        torch.testing.assert_close(after[k], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_first_order_lateral_update_approaches_dense_inverse_as_gamma_shrinks():
+    sizes = [3, 4, 3]
+    _, rn = random_rates(sizes, m=5, seed=3)
+    gaps = []
+    for lam in (0.99, 0.999, 0.9999):
+        before, after = lateral_after_update(sizes, rn, lam, exact=False)
+        gap = 0.0
+        for k in range(2):
+            expected = dense_lateral(before[k], rn[k + 1], lam)
+            gap = max(gap, ((after[k] - expected).norm() / expected.norm()).item())
+        gaps.append(gap)
+    # The first-order form drops a term of order gamma^2: 100x smaller per decade of gamma.
+    assert gaps[2] < 1e-6
+    assert gaps[0] > 30 * gaps[1] > 900 * gaps[2]
+
+
+# ----------------------------------------------------------------------------------------
+# A whole training step, Eqs. 11-14
+# ----------------------------------------------------------------------------------------
+
+def reference_train_step(model, x, labels, beta, lr_scale=1.0):
+    """What train_step must do, composed from the spec: free phase from rest, nudged phase
+    from where it ended (then the optional -beta phase), Eqs. 11-13 as dense products.
+    The dynamics come from model.relax, which the hand-worked cases check."""
+    cfg, P, m = model.cfg, model.P, x.shape[1]
+    y = torch.eye(cfg.sizes[-1], dtype=F64)[labels].T  # (N_P, m)
+    drive = model.W_ff[0] @ x
+    r = [None] + [torch.zeros(n, m, dtype=F64) for n in cfg.sizes[1:]]
+    q = [None] + [torch.zeros(1, m, dtype=F64) for _ in range(P)]
+    r, q = model.relax(drive, r, q, 0.0, None, cfg.t_free)
+    free = [x] + [rk.clone() for rk in r[1:]]
+    r, q = model.relax(drive, r, q, beta, y, cfg.t_nudged)
+    rn = [x] + [rk.clone() for rk in r[1:]]
+    rf, factor = free, lr_scale / (beta * m)
+    if cfg.third_phase:
+        r, q = model.relax(drive, r, q, -beta, y, cfg.t_nudged)
+        rf, factor = [x] + [rk.clone() for rk in r[1:]], lr_scale / (2 * beta * m)
+    W_ff, W_fb = model.W_ff, model.W_fb
+    new_ff = [W_ff[k] + cfg.lr_ff[k] * factor
+              * ((rn[k + 1] - W_ff[k] @ rn[k]) @ rn[k].T - (rf[k + 1] - W_ff[k] @ rf[k]) @ rf[k].T)
+              for k in range(P)]
+    new_fb = [W_fb[k] + cfg.lr_fb[k - 1] * factor
+              * ((rn[k] - W_fb[k] @ rn[k + 1]) @ rn[k + 1].T
+                 - (rf[k] - W_fb[k] @ rf[k + 1]) @ rf[k + 1].T)
+              for k in range(1, P)]
+    new_B = [(model.B[k] - cfg.gamma / m * (model.B[k] @ rn[k]) @ (model.B[k] @ rn[k]).T)
+             / cfg.lam for k in range(1, P + 1)]
+    return free, new_ff, new_fb, new_B
+
+
+def train_step_model(third_phase):
+    return make_model([5, 4, 3, 3], ["sparse", "bounded", "sparse"], seed=4, lam=0.9,
+                      beta=0.5, random_sign=False, t_free=4, t_nudged=3, neural_lr=0.2,
+                      q_lr=[0.3, 0.0, 0.2], third_phase=third_phase)
+
+
+def run_step(model, kind, x, labels, lr_scale=1.0):
+    """One training step by one of the three paths: plain, fast, and train.py's GraphedStep
+    (which runs fast_step without CUDA graphs on a CPU)."""
+    if kind == "graphed":
+        return cim.GraphedStep(model, x.shape[1], capture=False)(x, labels, lr_scale)
+    return model.train_step(x, labels, lr_scale, fast=kind == "fast")
+
+
+STEP_KINDS = ["plain", "fast", "graphed"]
+
+
+@pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.parametrize("third_phase", [False, True])
+def test_train_step_composes_phases_and_updates(third_phase, kind):
+    model = train_step_model(third_phase)
+    x = torch.rand(5, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    labels = torch.tensor([2, 0, 1, 2])
+    _, new_ff, new_fb, new_B = reference_train_step(train_step_model(third_phase), x,
+                                                    labels, beta=0.5, lr_scale=0.7)
+    run_step(model, kind, x, labels, lr_scale=0.7)
+    for k in range(3):
+        torch.testing.assert_close(model.W_ff[k], new_ff[k], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model.B[k + 1], new_B[k], rtol=1e-12, atol=1e-12)
+    for k in (1, 2):
+        torch.testing.assert_close(model.W_fb[k], new_fb[k - 1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", STEP_KINDS)
+@pytest.mark.parametrize("third_phase", [False, True])
+def test_train_step_returns_free_phase_rates(third_phase, kind):
+    # The docstrings promise the free-phase rates (train.py checks them for divergence).
+    x = torch.rand(5, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    labels = torch.tensor([2, 0, 1, 2])
+    free, *_ = reference_train_step(train_step_model(third_phase), x, labels, beta=0.5)
+    returned = run_step(train_step_model(third_phase), kind, x, labels)
+    for k in range(1, 4):
+        torch.testing.assert_close(returned[k], free[k], rtol=1e-12, atol=1e-12)
+
+
+def test_random_sign_nudging_uses_both_signs():
+    # Eq. 14: each step is the reference step at +beta or at -beta, and both signs occur.
+    x = torch.rand(5, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    labels = torch.tensor([2, 0, 1, 2])
+    references = {}
+    for beta in (0.5, -0.5):
+        references[beta] = reference_train_step(train_step_model(False), x, labels, beta)[1]
+    signs = []
+    for seed in range(8):
+        model = train_step_model(False)
+        model.cfg.random_sign = True
+        model.train_step(x, labels, generator=torch.Generator().manual_seed(seed))
+        matches = [beta for beta, new_ff in references.items()
+                   if all(torch.allclose(model.W_ff[k], new_ff[k], rtol=1e-12, atol=1e-12)
+                          for k in range(3))]
+        assert len(matches) == 1
+        signs.append(matches[0])
+    assert set(signs) == {0.5, -0.5}
+
+
+def test_learning_rate_schedule():
+    # mu(e) = mu_0 d^e for e < E1, else mu_0 0.9^e (a jump at E1)
+    got = [cim.lr_scale(e, 0.95, 15) for e in (0, 1, 14, 15, 20)]
+    assert got == pytest.approx([1.0, 0.95, 0.95**14, 0.9**15, 0.9**20], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer_type", ["sparse", "bounded"])
+def test_evaluation_does_not_depend_on_batch_size(layer_type):
+    model = make_model([12, 9, 6], [layer_type] * 2, seed=3, t_free=15)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 12, generator=gen, dtype=F64)
+    labels = torch.randint(6, (30,), generator=gen)
+    # Oracle: each sample alone through the plain relaxation (checked by hand above).
+    alone = [model.free_phase(X[i:i + 1].T, fast=False) for i in range(30)]
+    expected = torch.stack([r[2][:, 0].argmax() for r in alone])
+    silent = [sum((r[k] < 0.01).double().mean().item() for r in alone) / 30 for k in (1, 2)]
+    assert len(set(expected.tolist())) > 1 and 0 < silent[0] < 1  # a non-trivial case
+    for bs in (1, 7, 30):
+        chunks = [model.predict(X[s:s + bs].T) for s in range(0, 30, bs)]
+        assert torch.equal(torch.cat(chunks), expected)
+    accuracy = (expected == labels).double().mean().item()
+    results = [cim.evaluate(model, X, labels, batch_size=bs) for bs in (1, 7, 30)]
+    for res in results:
+        assert res["n"] == 30
+        assert res["top1"] == accuracy
+        assert res["top5"] == results[0]["top5"]
+        assert res["sparsity"] == pytest.approx(silent, abs=1e-12)
+
+
+def test_evaluate_top1_uses_the_argmax_prediction_when_the_output_is_silent():
+    # A silent output layer (all r_P = 0) is common with relu outputs; the prediction is
+    # then argmax = the first class, and evaluate's top-1 must score that same prediction.
+    model = make_model([12, 9, 6], ["sparse"] * 2, seed=3, t_free=15)
+    model.W_ff_1.copy_(-model.W_ff_1.abs())  # every output neuron is inhibited
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(30, 12, generator=gen, dtype=F64)
+    labels = torch.randint(6, (30,), generator=gen)
+    assert not model.free_phase(X.T)[2].any()  # the output layer is silent
+    assert torch.equal(model.predict(X.T), torch.zeros(30, dtype=torch.long))
+    expected = (labels == 0).double().mean().item()
+    assert cim.evaluate(model, X, labels)["top1"] == expected
+
+
+# ----------------------------------------------------------------------------------------
+# Learning
+# ----------------------------------------------------------------------------------------
+
+def clusters(n_per_class, seed, n_classes=3, dim=20, noise=0.2):
+    """Gaussian clusters around disjoint blocks of ones: class k lights up inputs
+    6k..6k+5 (the last two inputs carry noise only)."""
+    gen = torch.Generator().manual_seed(seed)
+    block = dim // n_classes
+    X = torch.cat([
+        torch.zeros(n_per_class, dim, dtype=F64).index_fill_(
+            1, torch.arange(k * block, (k + 1) * block), 1.0)
+        + noise * torch.randn(n_per_class, dim, generator=gen, dtype=F64)
+        for k in range(n_classes)])
+    return X, torch.arange(n_classes).repeat_interleave(n_per_class)
+
+
+def test_training_learns_separated_clusters():
+    Xtr, ytr = clusters(40, seed=1)
+    Xte, yte = clusters(25, seed=2)
+    model = make_model([20, 32, 3], ["sparse", "sparse"], lr_ff=[1.0, 0.7], lr_fb=[0.12],
+                       q_lr=[0.0, 0.01], neural_lr=0.05, t_free=20, t_nudged=5, g=0.5,
+                       beta=3.0)
+    before = cim.evaluate(model, Xte, yte)["top1"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        order = torch.randperm(len(ytr), generator=gen)
+        for start in range(0, len(ytr), 10):
+            idx = order[start:start + 10]
+            model.train_step(Xtr[idx].T, ytr[idx], generator=gen)
+    after = cim.evaluate(model, Xte, yte)["top1"]
+    assert before < 0.5  # the untrained network is near chance (1/3)
+    assert after >= 0.9
+
+
+# ----------------------------------------------------------------------------------------
+# Command-line programs on tiny data sets
+# ----------------------------------------------------------------------------------------
+
+def write_imagefolder(root, n_per_class=12, n_classes=3):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(n_classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n_per_class):
+                pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                pixels[..., c] //= 4  # a faint class signal in one channel
+                Image.fromarray(pixels, "RGB").save(folder / f"{i}.png")
+
+
+def test_train_and_evaluate_end_to_end_on_imagefolder(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_imagefolder(data)
+    rc = train.main(["--dataset", "imagefolder", "--data-dir", str(data), "--hidden", "8",
+                     "--t-free", "5", "--t-nudged", "2", "--batch-size", "4", "--device",
+                     "cpu", "--epochs", "2", "--out", str(run)])
+    assert rc == 0
+    for name in ("last.pt", "metrics.json", "config.json", "curves.png"):
+        assert (run / name).is_file(), name
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"epoch", "train_top1", "train_top5", "test_top1", "test_top5", "sparsity",
+                "seconds"} <= set(m)
+        for key in ("train_top1", "train_top5", "test_top1", "test_top5"):
+            assert 0.0 <= m[key] <= 1.0
+        assert m["train_top1"] <= m["train_top5"] and m["test_top1"] <= m["test_top5"]
+        assert len(m["sparsity"]) == 2 and all(0.0 <= s <= 1.0 for s in m["sparsity"])
+        assert m["seconds"] >= 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["sizes"] == [8 * 8 * 3, 8, 3]
+
+    capsys.readouterr()
+    assert evaluate_cli.main([str(run), "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 3 * 12
+    assert result["top1"] == metrics[-1]["test_top1"]
+    assert result["top5"] == metrics[-1]["test_top5"]
+
+
+def write_cifar100(root, n_train=30, n_test=10):
+    """The three pickles of torchvision's cifar-100-python/ folder (string keys, as the
+    original Python 2 pickles read with encoding="latin1")."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "fine_labels": [int(v) for v in rng.integers(0, 100, n)]}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    meta = {"fine_label_names": [f"class{i}" for i in range(100)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta))
+
+
+def offline(*args, **kwargs):
+    raise urllib.error.URLError("offline")
+
+
+def test_default_cifar100_path_runs_on_tiny_data(tmp_path, monkeypatch):
+    write_cifar100(tmp_path)
+    # Fake files cannot match torchvision's md5 sums. CIFAR100._check_integrity covers the
+    # data files; the meta file is checked separately through cifar.check_integrity.
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
+    run = tmp_path / "run"
+    rc = train.main(["--data-dir", str(tmp_path), "--epochs", "1", "--hidden", "8,6",
+                     "--t-free", "3", "--t-nudged", "2", "--device", "cpu", "--out", str(run)])
+    assert rc == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"] == "cifar100" and config["preset"] == "cifar100"
+    assert config["model"]["sizes"] == [3072, 8, 6, 100]
+    assert config["model"]["layer_types"] == ["sparse"] * 3
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model"]["W_ff_2"].shape == (100, 6)
+    assert len(json.loads((run / "metrics.json").read_text())) == 1
+
+
+def test_missing_cifar100_without_network_fails_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
+    data = tmp_path / "empty"
+    data.mkdir()
+    start = time.time()
+    rc = train.main(["--data-dir", str(data), "--epochs", "1", "--device", "cpu", "--out",
+                     str(tmp_path / "run")])
+    assert time.time() - start < 20
+    assert rc != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "cifar-100-python.tar.gz" in err and "cifar-100-python/" in err
+    assert str(data) in err
+
+
+# ----------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="no CUDA device")),
+])
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
+@pytest.mark.parametrize("bad", [[0, 3], [-1, 1]], ids=["too-large", "negative"])
+def test_label_outside_class_range_is_a_clear_error(device, bad, fast):
+    model = make_model([4, 3, 3], ["sparse", "sparse"]).to(device)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    x = torch.rand(4, 2, dtype=F64, device=device)
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        model.train_step(x, torch.tensor(bad, device=device), fast=fast)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name
+
+
+def config_kwargs(**changes):
+    kw = dict(sizes=[4, 3, 2], layer_types=["sparse", "sparse"], lr_ff=[0.1, 0.1],
+              lr_fb=[0.1], q_lr=[0.01, 0.01])
+    kw.update(changes)
+    return kw
+
+
+def test_config_accepts_valid_values():
+    cim.Config(**config_kwargs())
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(lam=0.0), "lam"), (dict(lam=1.0), "lam"), (dict(lam=1.5), "lam"),
+    (dict(lam=-0.1), "lam"), (dict(lr_ff=[0.1]), "lr_ff"), (dict(lr_ff=[0.1] * 3), "lr_ff"),
+    (dict(lr_fb=[]), "lr_fb"), (dict(lr_fb=[0.1, 0.1]), "lr_fb"), (dict(q_lr=[0.01]), "q_lr"),
+    (dict(layer_types=["sparse"]), "layer_types"),
+    (dict(layer_types=["sparse", "dense"]), "layer types"),
+    (dict(sizes=[4, 0, 2]), "sizes"), (dict(beta=0.0), "beta"), (dict(eps=0.0), "eps"),
+    (dict(t_free=0), "t_free"), (dict(neural_lr_rule="linear"), "neural_lr_rule"),
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) if isinstance(c, dict) else c)
+def test_config_rejects_bad_values(changes, named):
+    with pytest.raises(ValueError, match=named):
+        cim.Config(**config_kwargs(**changes))

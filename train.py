@@ -97,27 +97,53 @@ class UserError(Exception):
 # Command line
 # ----------------------------------------------------------------------------------------
 
-def floats(text):
-    return [float(v) for v in text.split(",")]
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem, then where to look for the fix."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def ints(text):
-    return [int(v) for v in text.split(",")]
+def number(kind, allow_zero=False):
+    """An argparse type: a finite `kind` above zero (or at least zero with allow_zero)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be a finite number {'>= 0' if allow_zero else 'above 0'}")
+        return value
+    return parse
+
+
+positive_int, positive, non_negative = number(int), number(float), number(float, True)
+
+
+def listed(item):
+    """An argparse type: comma-separated values, each parsed by `item`."""
+    def parse(text):
+        return [item(v) for v in text.split(",")]
+    parse.__name__ = "comma-separated list"
+    return parse
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="cifar100", choices=sorted(DEFAULT_PRESET),
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=sorted(DEFAULT_PRESET),
                    help="data set (default cifar100, the seed notebook's)")
-    p.add_argument("--data-dir", default="./data",
+    p.add_argument("--data-dir",
                    help="where torchvision keeps the data; for imagefolder the folder with "
                         "train/ and test/ (or val/) class folders (default ./data)")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="named recipe (default: follows --dataset: cifar100 -> cifar100, "
                         "cifar10 and imagefolder -> cifar10, mnist -> mnist, ...)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs (default 30, as the seed)")
-    p.add_argument("--batch-size", type=int, help="training batch (default 20, the paper's)")
-    p.add_argument("--eval-batch-size", type=int,
+    p.add_argument("--epochs", type=positive_int, default=30,
+                   help="epochs (default 30, as the seed)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="training batch (default 20, the paper's)")
+    p.add_argument("--eval-batch-size", type=positive_int,
                    help="evaluation batch; results do not depend on it (default 1000 on CPU, "
                         "10000 on CUDA)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
@@ -128,27 +154,29 @@ def build_parser():
     p.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR after its last completed epoch")
-    p.add_argument("--train-subset", type=int, metavar="N",
+    p.add_argument("--train-subset", type=positive_int, metavar="N",
                    help="train on a fixed sample of N (the same in every run; quick checks)")
-    p.add_argument("--test-subset", type=int, metavar="N",
+    p.add_argument("--test-subset", type=positive_int, metavar="N",
                    help="test on a fixed sample of N (the same in every run; quick checks)")
-    g = p.add_argument_group("recipe overrides (defaults from --preset)")
-    g.add_argument("--hidden", type=ints, help="hidden sizes, e.g. 2000,1000")
+    g = p.add_argument_group("recipe overrides (each default comes from --preset)")
+    g.add_argument("--hidden", type=listed(positive_int), help="hidden sizes, e.g. 2000,1000")
     g.add_argument("--layer-type", help="sparse or bounded, or one per layer: sparse,bounded")
-    g.add_argument("--lam", type=float, help="forgetting factor lambda of the correlations")
-    g.add_argument("--eps", type=float, help="epsilon (0.15 in every recipe)")
-    g.add_argument("--g", type=float, help="leak conductance g")
-    g.add_argument("--beta", type=float, help="nudge strength |beta| (1 in every recipe)")
-    g.add_argument("--neural-lr", type=float, help="Euler step eta_0 of the dynamics")
-    g.add_argument("--neural-lr-stop", type=float, help="floor of eta_s (0.001)")
+    g.add_argument("--lam", type=positive, help="forgetting factor lambda, in (0, 1)")
+    g.add_argument("--eps", type=positive, help="epsilon (0.15 in every recipe)")
+    g.add_argument("--g", type=non_negative, help="leak conductance g")
+    g.add_argument("--beta", type=positive, help="nudge strength |beta| (1 in every recipe)")
+    g.add_argument("--neural-lr", type=positive, help="Euler step eta_0 of the dynamics")
+    g.add_argument("--neural-lr-stop", type=non_negative, help="floor of eta_s (0.001)")
     g.add_argument("--neural-lr-rule", choices=cim.NEURAL_LR_RULES, help="step-size rule")
-    g.add_argument("--t-free", type=int, help="free-phase iterations")
-    g.add_argument("--t-nudged", type=int, help="nudged-phase iterations")
-    g.add_argument("--lr-ff", type=floats, help="mu_ff per layer, W_ff[0] first")
-    g.add_argument("--lr-fb", type=floats, help="mu_fb per layer, W_fb[1] first")
-    g.add_argument("--q-lr", type=floats, help="interneuron step eta_q per layer, layer 1 first")
-    g.add_argument("--lr-decay", type=float, help="per-epoch decay d of the learning rates")
-    g.add_argument("--lr-decay-until", type=int, help="epoch E1 where the decay becomes 0.9^e")
+    g.add_argument("--t-free", type=positive_int, help="free-phase iterations")
+    g.add_argument("--t-nudged", type=positive_int, help="nudged-phase iterations")
+    g.add_argument("--lr-ff", type=listed(positive), help="mu_ff per layer, W_ff[0] first")
+    g.add_argument("--lr-fb", type=listed(positive), help="mu_fb per layer, W_fb[1] first")
+    g.add_argument("--q-lr", type=listed(non_negative),
+                   help="interneuron step eta_q per layer, layer 1 first")
+    g.add_argument("--lr-decay", type=positive, help="per-epoch decay d of the learning rates")
+    g.add_argument("--lr-decay-until", type=positive_int,
+                   help="epoch E1 from which the rates decay as 0.9^e")
     g.add_argument("--third-phase", action=argparse.BooleanOptionalAction, default=None,
                    help="symmetric nudging with a third phase at -beta (off in the recipes)")
     g.add_argument("--exact-lateral", action=argparse.BooleanOptionalAction, default=None,
@@ -156,15 +184,51 @@ def build_parser():
     return p
 
 
+RECIPE_FLAGS = ["hidden", "layer_type", "lam", "eps", "g", "beta", "neural_lr",
+                "neural_lr_stop", "neural_lr_rule", "t_free", "t_nudged", "lr_ff", "lr_fb",
+                "q_lr", "lr_decay", "lr_decay_until", "third_phase", "exact_lateral",
+                "batch_size"]
+RUN_FLAGS = ["dataset", "preset", "seed", "train_subset", "test_subset"]
+
+
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
 def resolve_recipe(args):
     """The preset named by --preset (or the data set's default) with flags applied."""
     name = args.preset or DEFAULT_PRESET[args.dataset]
     recipe = dict(COMMON, **PRESETS[name], preset=name)
-    for key in list(recipe):
-        value = getattr(args, key, None)
+    for key in RECIPE_FLAGS:
+        value = getattr(args, key)
         if value is not None:
             recipe[key] = value
+    check_recipe(recipe)
     return recipe
+
+
+def check_recipe(recipe):
+    """Per-layer lists must match the layers; one UserError names the flag to fix."""
+    P = len(recipe["hidden"]) + 1
+    types = recipe["layer_type"].split(",")
+    expected = {"lr_ff": (P, "W_ff[0] first"), "lr_fb": (P - 1, "W_fb[1] first"),
+                "q_lr": (P, "layer 1 first"), "layer_type": (P, "layer 1 first")}
+    for key, (n, order) in expected.items():
+        got = len(types) if key == "layer_type" else len(recipe[key])
+        if got != n and not (key == "layer_type" and got == 1):
+            raise UserError(f"{flag(key)} has {got} values but the network "
+                            f"{recipe['hidden']} has {P} layers, so it needs {n} ({order}); "
+                            f"pass {flag(key)} with {n} comma-separated values")
+    bad = [t for t in types if t not in cim.LAYER_TYPES]
+    if bad:
+        raise UserError(f"--layer-type {bad[0]!r} is unknown: use sparse or bounded")
+    if not 0 < recipe["lam"] < 1:
+        raise UserError(f"--lam {recipe['lam']} must lie strictly between 0 and 1 "
+                        "(the recipes use 0.99999)")
+    for k, t in enumerate(types * P if len(types) == 1 else types):
+        if t == "sparse" and recipe["q_lr"][k] <= 0:
+            raise UserError(f"--q-lr: layer {k + 1} is sparse and needs a positive "
+                            "interneuron step (the recipes use 1e-6 to 0.01)")
 
 
 def model_config(recipe, n_in, n_classes):
@@ -246,9 +310,18 @@ def imagefolder_split(data_dir, train, subset=None):
         raise UserError(f"imagefolder: {sub} is not a folder; --data-dir needs train/ and "
                         "test/ (or val/) folders with one subfolder per class")
     try:
-        ds = ImageFolder(str(sub), loader=Image.open)
+        ds = ImageFolder(str(sub), loader=Image.open, allow_empty=True)
     except (FileNotFoundError, OSError) as exc:
         raise UserError(f"imagefolder: {str(exc).splitlines()[0]}") from None
+    if len(ds.classes) < 2:
+        raise UserError(f"imagefolder: {sub} has {len(ds.classes)} class folder(s); a "
+                        "classifier needs at least two, one subfolder of images per class")
+    counts = torch.bincount(torch.tensor(ds.targets, dtype=torch.long),
+                            minlength=len(ds.classes))
+    if (counts == 0).any():
+        empty = ds.classes[int((counts == 0).nonzero()[0])]
+        raise UserError(f"imagefolder: the class folder {sub / empty} holds no images; "
+                        "add images or remove the folder")
     samples = [ds.samples[i] for i in subset_indices(len(ds.samples), subset)]
     images, first = [], None
     for path, _ in samples:
@@ -356,7 +429,13 @@ def load_checkpoint(run_dir):
     if not path.is_file():
         raise UserError(f"no checkpoint {path}: pass the folder of a run that finished at "
                         "least one epoch")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path} cannot be read ({type(exc).__name__}): it is damaged or not "
+                        "a checkpoint of this project") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint of this project")
     if ckpt.get("format_version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} has checkpoint format {ckpt.get('format_version')}, this "
                         f"code reads format {CHECKPOINT_VERSION}")
@@ -367,6 +446,18 @@ def load_checkpoint(run_dir):
 # Training
 # ----------------------------------------------------------------------------------------
 
+def check_resume_flags(args, config):
+    """A resumed run keeps its own configuration: refuse flags that would change it."""
+    for key in RECIPE_FLAGS + RUN_FLAGS:
+        value = getattr(args, key)
+        default = build_parser().get_default(key)
+        if value is not None and value != default and value != config.get(key):
+            raise UserError(f"{flag(key)} {value} differs from the run's {config.get(key)}: "
+                            "--resume continues a run with its own settings (only --epochs, "
+                            "--device and --eval-batch-size may change); start a new run "
+                            "with --out to change them")
+
+
 class Diverged(Exception):
     """Rates or weights became non-finite."""
 
@@ -375,15 +466,18 @@ def weights_finite(model):
     return all(bool(torch.isfinite(b).all()) for b in model.buffers())
 
 
-def train_epoch(step, X, labels, batch_size, scale, gen, bar):
-    """One pass over the shuffled training rows. Checks for divergence every 100 steps."""
+def train_epoch(step, model, X, labels, batch_size, scale, gen, bar):
+    """One pass over the shuffled training rows. Checks the output rates for divergence
+    every 100 steps and the weights every 500 (a full scan each step would cost more)."""
     n = X.shape[0]
     order = torch.randperm(n, generator=gen).to(X.device)
     for i, start in enumerate(range(0, n, batch_size)):
         idx = order[start:start + batch_size]
         free = step(X[idx].T, labels[idx], scale, generator=gen)
         if i % 100 == 0 and not math.isfinite(free[-1].sum().item()):
-            raise Diverged(f"non-finite rates at step {i}")
+            raise Diverged(f"non-finite rates at step {i + 1}")
+        if i % 500 == 0 and not weights_finite(model):
+            raise Diverged(f"non-finite weights at step {i + 1}")
         bar.update(1)
 
 
@@ -394,6 +488,10 @@ def main(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the checkpoint of the last finished epoch is kept; continue with "
+              "--resume RUN_DIR", file=sys.stderr)
+        return 130
     except Diverged as exc:
         print(f"error: training diverged ({exc}): the neural step --neural-lr or the learning "
               "rates --lr-ff/--lr-fb are likely too large; the last good checkpoint is kept",
@@ -411,12 +509,20 @@ def run(args):
         out = Path(args.resume)
         ckpt = load_checkpoint(out)
         config = ckpt["config"]
+        check_resume_flags(args, config)
         config["epochs"] = args.epochs
+        config["data_dir"] = args.data_dir or config["data_dir"]
+        if ckpt["epoch"] >= args.epochs:
+            print(f"{out} has already finished {ckpt['epoch']} epochs; pass --epochs N with N "
+                  "larger to train on")
+            return 0
     else:
+        args.dataset = args.dataset or "cifar100"
+        args.data_dir = args.data_dir or "./data"
         recipe = resolve_recipe(args)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(args.out or f"runs/{args.dataset}-{stamp}")
-        if (out / "last.pt").exists():
+        if (out / "last.pt").exists() or (out / "metrics.json").exists():
             raise UserError(f"{out} already holds a run: pass --resume {out} to continue it, "
                             "or another --out")
         config = dict(recipe, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
@@ -426,9 +532,16 @@ def run(args):
     # Data: both splits as one tensor each on the device.
     Xtr, Ytr, n_classes, norm = load_data(config["dataset"], config["data_dir"], True,
                                           config["train_subset"], config.get("norm"))
-    Xte, Yte, _, _ = load_data(config["dataset"], config["data_dir"], False,
-                               config["test_subset"], norm)
+    Xte, Yte, n_test_classes, _ = load_data(config["dataset"], config["data_dir"], False,
+                                            config["test_subset"], norm)
+    if n_test_classes != n_classes or Xte.shape[1] != Xtr.shape[1]:
+        raise UserError(f"the test split has {n_test_classes} classes and {Xte.shape[1]} "
+                        f"inputs, the training split {n_classes} and {Xtr.shape[1]}: both "
+                        "splits must hold the same classes and image size")
     config["norm"] = norm
+    if config["batch_size"] > Xtr.shape[0]:
+        raise UserError(f"--batch-size {config['batch_size']} is larger than the "
+                        f"{Xtr.shape[0]} training samples: use a smaller batch or more data")
     Xtr, Ytr, Xte, Yte = (t.to(device) for t in (Xtr, Ytr, Xte, Yte))
 
     # Model, generator and history, fresh or from the checkpoint.
@@ -442,7 +555,13 @@ def run(args):
     model = cim.CorInfoMax(cfg, seed=config["seed"])
     metrics, start = [], 0
     if args.resume:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError(f"{out}/last.pt does not fit the network {cfg.sizes} built from "
+                            f"the data in {config['data_dir']}: the data set or its classes "
+                            "changed since the run started; point --data-dir at the run's "
+                            "data or start a new run") from None
         set_rng_states(ckpt["rng"], gen)
         metrics, start = ckpt["metrics"], ckpt["epoch"]
     model.to(device)
@@ -461,7 +580,7 @@ def run(args):
         scale = cim.lr_scale(epoch, config["lr_decay"], config["lr_decay_until"])
         with tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", leave=False,
                   dynamic_ncols=True) as bar:
-            train_epoch(step, Xtr, Ytr, bs, scale, gen, bar)
+            train_epoch(step, model, Xtr, Ytr, bs, scale, gen, bar)
         if not weights_finite(model):
             raise Diverged(f"non-finite weights after epoch {epoch + 1}")
         tr = cim.evaluate(model, Xtr, Ytr, eval_bs)

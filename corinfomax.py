@@ -474,7 +474,8 @@ class CorInfoMax(nn.Module):
         from batch correlations (k = 0..P-1), in nats.
         """
         r = [x] + self.free_phase(x)[1:]
-        sparsity = [silent_fraction(r[k]).mean().item() for k in range(1, self.P + 1)]
+        sparsity = [(r[k] < SPARSITY_THRESHOLD).double().mean().item()
+                    for k in range(1, self.P + 1)]
         angles = []
         for k in range(1, self.P):
             a, b = self.W_ff[k].double(), self.W_fb[k].T.double()
@@ -538,11 +539,6 @@ class GraphedStep:
         return graph, free
 
 
-def silent_fraction(r):
-    """Per sample, the fraction of a layer's rates below 0.01: (N_k, m) -> (m,)."""
-    return (r < SPARSITY_THRESHOLD).double().mean(0)
-
-
 def correlative_information(r_in, r_out, W, eps):
     """Eq. 1 on a batch: 1/2 logdet(R_out + eps I) - 1/2 logdet(R_e + eps I), e = r_out - W r_in.
 
@@ -571,7 +567,7 @@ def evaluate(model, X, labels, batch_size=1000, progress=None):
     """
     n = X.shape[0]
     correct1 = correct5 = 0
-    silent = [0.0] * model.P
+    silent = [0] * model.P
     k5 = min(5, model.n_classes)
     for start in range(0, n, batch_size):
         x = X[start:start + batch_size].T  # (N_0, m)
@@ -582,8 +578,8 @@ def evaluate(model, X, labels, batch_size=1000, progress=None):
         correct1 += hit1.sum().item()
         correct5 += hit5.sum().item()
         for k in range(1, model.P + 1):
-            silent[k - 1] += silent_fraction(r[k]).sum().item()
+            silent[k - 1] += int((r[k] < SPARSITY_THRESHOLD).sum())  # whole counts
         if progress is not None:
             progress.update(x.shape[1])
-    sparsity = [s / n for s in silent]
+    sparsity = [s / (n * size) for s, size in zip(silent, model.cfg.sizes[1:], strict=True)]
     return {"top1": correct1 / n, "top5": correct5 / n, "sparsity": sparsity, "n": n}

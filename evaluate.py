@@ -9,22 +9,21 @@ rebuilds the same split with the same normalisation and subset, and runs the fre
 of the output rates. A run trained on CUDA evaluates on a CPU-only machine.
 """
 
-import argparse
 import json
 import sys
 
 import corinfomax as cim
-from train import UserError, load_checkpoint, load_data, pick_device
+from train import Parser, UserError, load_checkpoint, load_data, pick_device, positive_int
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="run folder written by train.py (holds last.pt)")
     p.add_argument("--split", choices=("test", "train"), default="test",
                    help="which split to score (default test)")
     p.add_argument("--data-dir", help="data location if it moved (default: the run's own)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=1000,
+    p.add_argument("--batch-size", type=positive_int, default=1000,
                    help="evaluation batch; results do not depend on it (default 1000)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
@@ -43,8 +42,6 @@ def main(argv=None):
 
 
 def score(args):
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.run_dir)
     config = ckpt["config"]

@@ -13,15 +13,21 @@ Equation numbers are those of the corinfomax module docstring (design/equations.
   phases composed by hand from the spec, with the third phase and random signs (14);
 - evaluation against each sample relaxed alone; learning on synthetic clusters;
 - train.py and evaluate.py end to end on tiny data sets written in temporary folders
-  (never the network), and the input checks.
+  (never the network), and the input checks;
+- runs: the same seed twice and a resumed run against a straight one, bit for bit; an
+  interrupted save and an injected divergence against the checkpoint bytes saved before;
+  every bad input against one line of stderr; evaluation against each sample scored alone.
 
 CPU only (plus CUDA cases when a GPU is present), seeded, float64 where precision matters.
 """
 
 import json
+import math
 import pickle
+import shutil
 import time
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -513,7 +519,8 @@ def test_training_learns_separated_clusters():
 # Command-line programs on tiny data sets
 # ----------------------------------------------------------------------------------------
 
-def write_imagefolder(root, n_per_class=12, n_classes=3):
+def write_imagefolder(root, n_per_class=12, n_classes=3, mode="RGB"):
+    """8x8 PNGs in root/train and root/test, one folder per class, in colour mode `mode`."""
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         for c in range(n_classes):
@@ -521,8 +528,8 @@ def write_imagefolder(root, n_per_class=12, n_classes=3):
             folder.mkdir(parents=True)
             for i in range(n_per_class):
                 pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-                pixels[..., c] //= 4  # a faint class signal in one channel
-                Image.fromarray(pixels, "RGB").save(folder / f"{i}.png")
+                pixels[..., c % 3] //= 4  # a faint class signal in one channel
+                Image.fromarray(pixels, "RGB").convert(mode).save(folder / f"{i}.png")
 
 
 def test_train_and_evaluate_end_to_end_on_imagefolder(tmp_path, capsys):
@@ -654,3 +661,303 @@ def test_config_accepts_valid_values():
 def test_config_rejects_bad_values(changes, named):
     with pytest.raises(ValueError, match=named):
         cim.Config(**config_kwargs(**changes))
+
+
+# ----------------------------------------------------------------------------------------
+# Run guarantees of train.py and evaluate.py: reproducible, exactly resumable, safe
+# checkpoints, caught divergence, one-line errors, evaluation independent of batch size
+# ----------------------------------------------------------------------------------------
+
+N_PER_CLASS, N_CLASSES, BATCH = 12, 3, 4
+STEPS_PER_EPOCH = math.ceil(N_PER_CLASS * N_CLASSES / BATCH)
+TINY = ["--dataset", "imagefolder", "--hidden", "6", "--t-free", "4", "--t-nudged", "2",
+        "--batch-size", str(BATCH), "--device", "cpu", "--seed", "5"]
+
+
+def tiny_args(data, out, *extra):
+    """train.py's argv for the tiny recipe on `data`, writing to `out`."""
+    return TINY + ["--data-dir", str(data), "--out", str(out)] + [str(a) for a in extra]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-data")
+    write_imagefolder(root, N_PER_CLASS, N_CLASSES)
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_data, tmp_path_factory):
+    """A finished 2-epoch run; tests that may write to a run use copy_run first."""
+    out = tmp_path_factory.mktemp("runs") / "two-epochs"
+    assert train.main(tiny_args(tiny_data, out, "--epochs", 2)) == 0
+    return out
+
+
+def copy_run(run, tmp_path):
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def checkpoint(run):
+    return torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+
+
+def without_seconds(metrics):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def shown_lines(text):
+    """The non-empty lines a terminal shows: a progress bar redraws its line after '\\r'."""
+    return [s for line in text.split("\n") if (s := line.split("\r")[-1].strip())]
+
+
+def cli_error(capsys, main, argv):
+    """Run main(argv) (argparse exits too) and check it failed with one clear line of
+    stderr and no traceback; returns that line."""
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    assert rc not in (0, None)
+    assert "Traceback" not in out + err
+    lines = shown_lines(err)
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_same_seed_gives_identical_runs(tiny_data, two_epoch_run, tmp_path):
+    other = tmp_path / "other"
+    assert train.main(tiny_args(tiny_data, other, "--epochs", 2)) == 0
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in (two_epoch_run, other)]
+    assert len(metrics[0]) == 2 and without_seconds(metrics[0]) == without_seconds(metrics[1])
+    first, second = checkpoint(two_epoch_run)["model"], checkpoint(other)["model"]
+    assert_same_weights(first, second)
+    # Not vacuous: training moved the weights away from their seeded start.
+    config = json.loads((other / "config.json").read_text())
+    start = cim.CorInfoMax(cim.Config(**config["model"]), seed=5).state_dict()
+    assert not all(torch.equal(first[name], start[name]) for name in start)
+
+
+def test_resume_continues_bit_for_bit(tiny_data, two_epoch_run, tmp_path):
+    straight = tmp_path / "straight"
+    assert train.main(tiny_args(tiny_data, straight, "--epochs", 3)) == 0
+    resumed = copy_run(two_epoch_run, tmp_path)
+    assert train.main(["--resume", str(resumed), "--epochs", "3", "--device", "cpu"]) == 0
+    a, b = checkpoint(straight), checkpoint(resumed)
+    assert a["epoch"] == b["epoch"] == 3
+    assert set(a["model"]) == {"W_ff_0", "W_ff_1", "W_fb_1", "B_1", "B_2"}
+    assert_same_weights(a["model"], b["model"])
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+    assert len(a["metrics"]) == 3
+    assert without_seconds(a["metrics"]) == without_seconds(b["metrics"])
+    on_disk = [json.loads((r / "metrics.json").read_text()) for r in (straight, resumed)]
+    assert without_seconds(on_disk[0]) == without_seconds(on_disk[1])
+
+
+def assert_plain(obj, where="checkpoint"):
+    """Only tensors and plain Python values, inside dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            assert isinstance(key, str | int), where
+            assert_plain(value, f"{where}[{key!r}]")
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            assert_plain(value, f"{where}[{i}]")
+    else:
+        assert obj is None or isinstance(obj, torch.Tensor | bool | int | float | str), where
+
+
+def test_checkpoint_holds_plain_values_epoch_counter_and_rng_states(two_epoch_run):
+    ckpt = checkpoint(two_epoch_run)  # weights_only=True: no pickled objects
+    assert_plain(ckpt)
+    assert isinstance(ckpt["format_version"], int)
+    assert ckpt["epoch"] == 2 and len(ckpt["metrics"]) == 2
+    assert {"torch", "generator", "python", "numpy"} <= set(ckpt["rng"])
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_resume_of_a_run_that_has_its_epochs_changes_nothing(two_epoch_run, tmp_path, epochs):
+    run = copy_run(two_epoch_run, tmp_path)
+    before = files(run)
+    train.main(["--resume", str(run), "--epochs", str(epochs), "--device", "cpu"])
+    assert files(run) == before
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tiny_data, tmp_path, monkeypatch):
+    real_save, targets = torch.save, []
+
+    def save_that_dies_the_second_time(obj, f, *args, **kwargs):
+        targets.append(f)
+        if len(targets) == 1:
+            return real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(b"\x80\x02garbage, cut short")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(torch, "save", save_that_dies_the_second_time)
+    run = tmp_path / "run"
+    try:
+        rc = train.main(tiny_args(tiny_data, run, "--epochs", 2))
+    except OSError:
+        rc = None
+    assert rc != 0 and len(targets) == 2
+    assert checkpoint(run)["epoch"] == 1
+    monkeypatch.undo()  # and the surviving checkpoint continues the run
+    assert train.main(["--resume", str(run), "--epochs", "2", "--device", "cpu"]) == 0
+    assert checkpoint(run)["epoch"] == 2
+
+
+@pytest.mark.parametrize("flags", [["--neural-lr", "1e6"], ["--lr-ff", "1e12,1e12"]],
+                         ids=" ".join)
+def test_divergence_fails_with_one_line_naming_the_rates(tiny_data, tmp_path, capsys, flags):
+    run = tmp_path / "run"
+    line = cli_error(capsys, train.main, tiny_args(tiny_data, run, "--epochs", 2, *flags))
+    assert "--neural-lr" in line and "--lr-ff" in line
+    assert not (run / "last.pt").exists()
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_divergence_in_second_epoch_keeps_the_last_good_checkpoint(
+        tiny_data, tmp_path, capsys, monkeypatch, step):
+    run, real_step, calls, saved = tmp_path / "run", cim.CorInfoMax.fast_step, [], {}
+
+    def poisoned_step(self, *args):
+        calls.append(len(calls) + 1)
+        if calls[-1] == STEPS_PER_EPOCH + 1:  # epoch 2 starts: its checkpoint is epoch 1's
+            saved.update(files(run))
+        free = real_step(self, *args)
+        if calls[-1] == STEPS_PER_EPOCH + step:
+            self.B_1[0, 0] = float("nan")
+        return free
+
+    monkeypatch.setattr(cim.CorInfoMax, "fast_step", poisoned_step)
+    line = cli_error(capsys, train.main, tiny_args(tiny_data, run, "--epochs", 3))
+    assert "--neural-lr" in line and "--lr-ff" in line
+    assert len(calls) >= STEPS_PER_EPOCH + step
+    assert checkpoint(run)["epoch"] == 1
+    assert (run / "last.pt").read_bytes() == saved["last.pt"]
+    assert (run / "metrics.json").read_bytes() == saved["metrics.json"]
+
+
+@pytest.mark.parametrize("flags", [
+    ["--dataset", "svhn"], ["--preset", "cifar7"], ["--lr-ff", "0.1"],
+    ["--lr-ff", "0.1,0.1,0.1"], ["--lr-fb", "0.1,0.1"], ["--q-lr", "0.01"], ["--hidden", "0"],
+    ["--hidden", "-3"], ["--lr-ff", "abc,1"], ["--epochs", "0"], ["--batch-size", "-1"],
+    ["--neural-lr", "nan"], ["--lam", "1.5"], ["--lam", "1"],
+    ["--batch-size", "100"],  # more than the 36 training images
+    pytest.param(["--device", "cuda"], marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="CUDA is present")),
+], ids=" ".join)
+def test_bad_flag_fails_with_one_line_naming_it(tiny_data, tmp_path, capsys, flags):
+    line = cli_error(capsys, train.main, tiny_args(tiny_data, tmp_path / "run", *flags))
+    assert flags[0] in line
+
+
+@pytest.mark.parametrize("n_classes, empty_class, odd_image, named", [
+    (1, None, None, "train"),
+    (3, "class3", None, "train/class3"),
+    (3, None, ("RGB", (9, 8)), "train/class1/2.png"),
+    (3, None, ("L", (8, 8)), "train/class1/2.png"),
+], ids=["one-class", "empty-class", "other-size", "other-colour-mode"])
+def test_bad_imagefolder_fails_with_one_line(tmp_path, capsys, n_classes, empty_class,
+                                             odd_image, named):
+    data = tmp_path / "data"
+    write_imagefolder(data, 4, n_classes)
+    if empty_class:
+        (data / "train" / empty_class).mkdir()
+    if odd_image:
+        Image.new(*odd_image).save(data / named)
+    line = cli_error(capsys, train.main, tiny_args(data, tmp_path / "run"))
+    assert str(data / named) in line
+
+
+def test_missing_cifar10_without_network_fails_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    argv = tiny_args(tmp_path, tmp_path / "run", "--dataset", "cifar10")
+    assert "cifar-10-python.tar.gz" in cli_error(capsys, train.main, argv)
+
+
+@pytest.mark.parametrize("flags, other_data, named", [
+    (["--hidden", "9"], None, ["--hidden"]),
+    (["--dataset", "cifar10"], None, ["--dataset"]),
+    ([], dict(n_classes=4), ["--data-dir"]),
+    ([], dict(mode="L"), []),  # 3 classes of 8x8 images, but one channel, not three
+], ids=["hidden", "dataset", "data-with-4-classes", "grayscale-data"])
+def test_resume_that_would_change_the_run_fails_with_one_line(
+        two_epoch_run, tmp_path, capsys, flags, other_data, named):
+    run = copy_run(two_epoch_run, tmp_path)
+    before = files(run)
+    argv = ["--resume", run, "--epochs", 3, "--device", "cpu", *flags]
+    if other_data is not None:
+        write_imagefolder(tmp_path / "other", 4, **other_data)
+        argv += ["--data-dir", tmp_path / "other"]
+    line = cli_error(capsys, train.main, argv)
+    assert all(word in line for word in named), line
+    assert files(run) == before
+
+
+def test_resume_without_checkpoint_fails_with_one_line(tmp_path, capsys):
+    argv = ["--resume", tmp_path, "--epochs", 2, "--device", "cpu"]
+    assert "last.pt" in cli_error(capsys, train.main, argv)
+
+
+def test_out_folder_holding_a_run_fails_with_one_line(tiny_data, two_epoch_run, tmp_path,
+                                                      capsys):
+    run = copy_run(two_epoch_run, tmp_path)
+    before = files(run)
+    line = cli_error(capsys, train.main, tiny_args(tiny_data, run, "--epochs", 3))
+    assert "--resume" in line
+    assert files(run) == before
+
+
+@pytest.mark.parametrize("args, named", [
+    ([], "last.pt"), (["--split", "validation"], "--split"),
+    (["--batch-size", "0"], "--batch-size"),
+], ids=["no-checkpoint", "unknown-split", "zero-batch"])
+def test_evaluate_bad_input_fails_with_one_line(tmp_path, capsys, args, named):
+    argv = [tmp_path, "--device", "cpu", *args]
+    assert named in cli_error(capsys, evaluate_cli.main, argv)
+
+
+def test_evaluate_counts_every_sample_once_whatever_the_batch_size():
+    model = make_model([12, 9, 7], ["sparse", "sparse"], seed=3, t_free=15)
+    X = torch.randn(13, 12, generator=torch.Generator().manual_seed(1), dtype=F64)
+    # Oracle: each sample relaxed alone; silent rates counted as integers.
+    rates = [model.free_phase(X[i:i + 1].T, fast=True) for i in range(13)]
+    alone = torch.cat([model.predict(X[i:i + 1].T) for i in range(13)])
+    silent = [sum(int((r[k] < 0.01).sum()) for r in rates) / (13 * n)
+              for k, n in ((1, 9), (2, 7))]
+    assert len(set(alone.tolist())) > 1 and 0 < silent[0] < 1
+    # Right on samples at both ends of the batches of 4 and of 5, wrong on all others.
+    right = torch.zeros(13, dtype=torch.bool)
+    right[[0, 3, 4, 9, 12]] = True
+    labels = torch.where(right, alone, (alone + 1) % 7)
+    results = [cim.evaluate(model, X, labels, batch_size=bs) for bs in (1, 4, 5, 1000)]
+    for res in results:
+        assert res["n"] == 13
+        assert res["top1"] == 5 / 13
+        assert res["top5"] == results[0]["top5"]
+        assert res["sparsity"] == pytest.approx(silent, rel=1e-12)
+        assert res["sparsity"] == results[0]["sparsity"]  # identical, as top-1 and top-5
+
+
+def test_evaluate_cli_does_not_depend_on_batch_size(two_epoch_run, capsys):
+    results = []
+    for bs in (1, 5, 1000):
+        capsys.readouterr()
+        argv = [str(two_epoch_run), "--json", "--device", "cpu", "--batch-size", str(bs)]
+        assert evaluate_cli.main(argv) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0]["n"] == N_PER_CLASS * N_CLASSES
+    assert results[1] == results[0] and results[2] == results[0]

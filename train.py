@@ -30,6 +30,7 @@ import torch
 import corinfomax as cim
 
 CHECKPOINT_VERSION = 1
+DIAGNOSTIC_SAMPLES = 1000  # test samples for the angle and correlative-information estimates
 
 # Recipes: layers and rates from the paper's appendix tables; "cifar100" is the seed
 # notebook's sparse recipe. lr_ff runs over W_ff[0..P-1], lr_fb over W_fb[1..P-1], q_lr
@@ -360,6 +361,9 @@ def load_data(dataset, data_dir, train, subset=None, norm=None):
             norm = (x.mean((0, 2, 3)).tolist(), (3 * x.std((0, 2, 3))).tolist())
         else:
             norm = ([0.0] * x.shape[1], [1.0] * x.shape[1])
+    if len(norm[0]) != x.shape[1]:
+        raise UserError(f"the images in {data_dir} have {x.shape[1]} colour channel(s), the "
+                        f"run was made with {len(norm[0])}: point --data-dir at the run's data")
     mean = torch.tensor(norm[0])[None, :, None, None]
     std = torch.tensor(norm[1])[None, :, None, None]
     X = ((x - mean) / std).reshape(x.shape[0], -1)
@@ -488,6 +492,10 @@ def main(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"error: could not write the run folder ({exc}): free some space or choose "
+              "another --out; the previous checkpoint is kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: the checkpoint of the last finished epoch is kept; continue with "
               "--resume RUN_DIR", file=sys.stderr)
@@ -586,10 +594,11 @@ def run(args):
         tr = cim.evaluate(model, Xtr, Ytr, eval_bs)
         te = cim.evaluate(model, Xte, Yte, eval_bs)
         seconds = time.time() - t0
+        diag = model.diagnostics(Xte[:DIAGNOSTIC_SAMPLES].T)
         metrics.append({"epoch": epoch + 1, "lr_scale": scale, "train_top1": tr["top1"],
                         "train_top5": tr["top5"], "test_top1": te["top1"],
                         "test_top5": te["top5"], "sparsity": te["sparsity"],
-                        "seconds": seconds})
+                        "seconds": seconds, "angle": diag["angle"], "corinfo": diag["corinfo"]})
         save_atomic({"format_version": CHECKPOINT_VERSION, "model": model.state_dict(),
                      "config": config, "epoch": epoch + 1, "metrics": metrics,
                      "rng": rng_states(gen)}, out / "last.pt")

@@ -481,6 +481,34 @@ def test_evaluate_top1_uses_the_argmax_prediction_when_the_output_is_silent():
 
 
 # ----------------------------------------------------------------------------------------
+# Diagnostics
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("W_fb, degrees", [
+    ([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0]], 0.0),  # W_fb^T equals W_ff
+    ([[-2.0, -4.0, 0.0], [0.0, 0.0, -6.0]], 180.0),  # opposite direction
+    ([[0.0, 0.0, 5.0], [0.0, 0.0, 0.0]], 90.0),  # no overlap: orthogonal
+    ([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], 74.498640433063),  # cos = 1 / sqrt(14)
+])
+def test_angle_between_forward_and_backward_predictors(W_fb, degrees):
+    model = make_model([2, 2, 3], ["sparse", "sparse"])
+    model.W_ff_1.copy_(torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]], dtype=F64))
+    model.W_fb_1.copy_(torch.tensor(W_fb, dtype=F64))
+    x = torch.rand(2, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert model.diagnostics(x)["angle"] == [pytest.approx(degrees, abs=1e-6)]
+
+
+def test_correlative_information_of_one_neuron_by_hand():
+    # One input and one output neuron, two samples: R_out = (0.5^2 + 1^2) / 2 = 0.625; with
+    # W = 2 the errors are 0.5 - 0.4 = 0.1 and 1 - 0.6 = 0.4, R_e = (0.01 + 0.16) / 2 = 0.085.
+    r_in = torch.tensor([[0.2, 0.3]], dtype=F64)
+    r_out = torch.tensor([[0.5, 1.0]], dtype=F64)
+    W = torch.tensor([[2.0]], dtype=F64)
+    expected = 0.5 * np.log((0.625 + 0.15) / (0.085 + 0.15))
+    assert cim.correlative_information(r_in, r_out, W, 0.15) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------------------
 # Learning
 # ----------------------------------------------------------------------------------------
 

@@ -794,6 +794,30 @@ def test_resume_continues_bit_for_bit(tiny_data, two_epoch_run, tmp_path):
     assert without_seconds(on_disk[0]) == without_seconds(on_disk[1])
 
 
+def test_interrupted_run_resumes_to_its_own_epoch_count(tiny_data, tmp_path, monkeypatch,
+                                                        capsys):
+    """Ctrl-C in epoch 2 of 3 keeps epoch 1's checkpoint; --resume without --epochs then
+    trains to the run's own 3 epochs, no more."""
+    out = tmp_path / "run"
+    real_epoch = train.train_epoch
+    calls = []
+
+    def interrupted_in_second_epoch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_epoch(*args)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_second_epoch)
+    assert train.main(tiny_args(tiny_data, out, "--epochs", 3)) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert checkpoint(out)["epoch"] == 1
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    assert train.main(["--resume", str(out), "--device", "cpu"]) == 0
+    assert checkpoint(out)["epoch"] == 3
+    assert [m["epoch"] for m in json.loads((out / "metrics.json").read_text())] == [1, 2, 3]
+
+
 def assert_plain(obj, where="checkpoint"):
     """Only tensors and plain Python values, inside dicts, lists and tuples."""
     if isinstance(obj, dict):

@@ -140,8 +140,9 @@ def build_parser():
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="named recipe (default: follows --dataset: cifar100 -> cifar100, "
                         "cifar10 and imagefolder -> cifar10, mnist -> mnist, ...)")
-    p.add_argument("--epochs", type=positive_int, default=30,
-                   help="epochs (default 30, as the seed)")
+    p.add_argument("--epochs", type=positive_int,
+                   help="epochs to reach in all (default 30, as the seed notebook; with "
+                        "--resume, the run's own)")
     p.add_argument("--batch-size", type=positive_int,
                    help="training batch (default 20, the paper's)")
     p.add_argument("--eval-batch-size", type=positive_int,
@@ -151,7 +152,8 @@ def build_parser():
                    help="on CUDA, replay each training step from a captured graph (default on)")
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (default auto: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffle, beta signs")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the shuffle and the signs of beta (default 0)")
     p.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR after its last completed epoch")
@@ -161,20 +163,27 @@ def build_parser():
                    help="test on a fixed sample of N (the same in every run; quick checks)")
     g = p.add_argument_group("recipe overrides (each default comes from --preset)")
     g.add_argument("--hidden", type=listed(positive_int), help="hidden sizes, e.g. 2000,1000")
-    g.add_argument("--layer-type", help="sparse or bounded, or one per layer: sparse,bounded")
+    g.add_argument("--layer-type",
+                   help="sparse (relu + l1 interneuron) or bounded (clip to [0, 1]); one for "
+                        "all layers or one per layer above the input, e.g. sparse,bounded")
     g.add_argument("--lam", type=positive, help="forgetting factor lambda, in (0, 1)")
-    g.add_argument("--eps", type=positive, help="epsilon (0.15 in every recipe)")
+    g.add_argument("--eps", type=positive,
+                   help="epsilon: log-det regulariser and error scale (0.15 in every recipe)")
     g.add_argument("--g", type=non_negative, help="leak conductance g")
     g.add_argument("--beta", type=positive, help="nudge strength |beta| (1 in every recipe)")
     g.add_argument("--neural-lr", type=positive, help="Euler step eta_0 of the dynamics")
     g.add_argument("--neural-lr-stop", type=non_negative, help="floor of eta_s (0.001)")
-    g.add_argument("--neural-lr-rule", choices=cim.NEURAL_LR_RULES, help="step-size rule")
+    g.add_argument("--neural-lr-rule", choices=cim.NEURAL_LR_RULES,
+                   help="eta_s at iteration s: eta_0; max(eta_0 / (s + 1), stop); or "
+                        "max(eta_0 / (0.01 s + 1), stop)")
     g.add_argument("--t-free", type=positive_int, help="free-phase iterations")
     g.add_argument("--t-nudged", type=positive_int, help="nudged-phase iterations")
-    g.add_argument("--lr-ff", type=listed(positive), help="mu_ff per layer, W_ff[0] first")
-    g.add_argument("--lr-fb", type=listed(positive), help="mu_fb per layer, W_fb[1] first")
+    g.add_argument("--lr-ff", type=listed(positive),
+                   help="mu_ff, one per layer above the input (W_ff[0] first)")
+    g.add_argument("--lr-fb", type=listed(positive),
+                   help="mu_fb, one per hidden layer (W_fb[1] first)")
     g.add_argument("--q-lr", type=listed(non_negative),
-                   help="interneuron step eta_q per layer, layer 1 first")
+                   help="interneuron step eta_q, one per layer above the input")
     g.add_argument("--lr-decay", type=positive, help="per-epoch decay d of the learning rates")
     g.add_argument("--lr-decay-until", type=positive_int,
                    help="epoch E1 from which the rates decay as 0.9^e")
@@ -217,9 +226,9 @@ def check_recipe(recipe):
     for key, (n, order) in expected.items():
         got = len(types) if key == "layer_type" else len(recipe[key])
         if got != n and not (key == "layer_type" and got == 1):
-            raise UserError(f"{flag(key)} has {got} values but the network "
-                            f"{recipe['hidden']} has {P} layers, so it needs {n} ({order}); "
-                            f"pass {flag(key)} with {n} comma-separated values")
+            raise UserError(f"{flag(key)} has {got} values but the hidden sizes "
+                            f"{recipe['hidden']} make {P} layers above the input, so it needs "
+                            f"{n} ({order}); pass {flag(key)} with {n} comma-separated values")
     bad = [t for t in types if t not in cim.LAYER_TYPES]
     if bad:
         raise UserError(f"--layer-type {bad[0]!r} is unknown: use sparse or bounded")
@@ -407,7 +416,7 @@ def set_rng_states(states, gen):
     np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), *npst[2:]))
 
 
-def plot_curves(metrics, path):
+def plot_curves(metrics, path, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -417,6 +426,7 @@ def plot_curves(metrics, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [100 * m["train_top1"] for m in metrics], "o-", label="train top-1")
     ax.plot(epochs, [100 * m["test_top1"] for m in metrics], "o-", label="test top-1")
+    ax.set_title(title)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
@@ -458,8 +468,8 @@ def check_resume_flags(args, config):
         if value is not None and value != default and value != config.get(key):
             raise UserError(f"{flag(key)} {value} differs from the run's {config.get(key)}: "
                             "--resume continues a run with its own settings (only --epochs, "
-                            "--device and --eval-batch-size may change); start a new run "
-                            "with --out to change them")
+                            "--device, --eval-batch-size and --data-dir may change); start a "
+                            "new run with --out to change them")
 
 
 class Diverged(Exception):
@@ -518,11 +528,14 @@ def run(args):
         ckpt = load_checkpoint(out)
         config = ckpt["config"]
         check_resume_flags(args, config)
-        config["epochs"] = args.epochs
+        if args.out and Path(args.out) != out:
+            raise UserError(f"--out {args.out} with --resume {out}: a resumed run stays in its "
+                            "own folder; drop --out")
+        config["epochs"] = args.epochs or config["epochs"]
         config["data_dir"] = args.data_dir or config["data_dir"]
-        if ckpt["epoch"] >= args.epochs:
-            print(f"{out} has already finished {ckpt['epoch']} epochs; pass --epochs N with N "
-                  "larger to train on")
+        if ckpt["epoch"] >= config["epochs"]:
+            print(f"{out} has already finished {ckpt['epoch']} of {config['epochs']} epochs; "
+                  "pass --epochs N with a larger N to train on")
             return 0
     else:
         args.dataset = args.dataset or "cifar100"
@@ -534,7 +547,7 @@ def run(args):
             raise UserError(f"{out} already holds a run: pass --resume {out} to continue it, "
                             "or another --out")
         config = dict(recipe, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
-                      epochs=args.epochs, train_subset=args.train_subset,
+                      epochs=args.epochs or 30, train_subset=args.train_subset,
                       test_subset=args.test_subset)
 
     # Data: both splits as one tensor each on the device.
@@ -587,7 +600,7 @@ def run(args):
         t0 = time.time()
         scale = cim.lr_scale(epoch, config["lr_decay"], config["lr_decay_until"])
         with tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", leave=False,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True, disable=None) as bar:  # no bar when not a terminal
             train_epoch(step, model, Xtr, Ytr, bs, scale, gen, bar)
         if not weights_finite(model):
             raise Diverged(f"non-finite weights after epoch {epoch + 1}")
@@ -603,7 +616,8 @@ def run(args):
                      "config": config, "epoch": epoch + 1, "metrics": metrics,
                      "rng": rng_states(gen)}, out / "last.pt")
         write_json_atomic(metrics, out / "metrics.json")
-        plot_curves(metrics, out / "curves.png")
+        plot_curves(metrics, out / "curves.png",
+                    f"CorInfoMax {cfg.sizes}, {config['dataset']} ({config['preset']})")
         sparsity = " ".join(f"{s:.2f}" for s in te["sparsity"])
         print(f"epoch {epoch + 1}/{config['epochs']} | lr x{scale:.3f} | train top-1 "
               f"{100 * tr['top1']:.2f}% top-5 {100 * tr['top5']:.2f}% | test top-1 "

@@ -10,7 +10,6 @@ Random inputs and labels of the recipe's sizes (CIFAR: 3072 inputs; 100 or 10 cl
 Prints ms per training step, training and evaluation samples per second, and peak memory.
 """
 
-import argparse
 import json
 import resource
 import time
@@ -18,7 +17,7 @@ import time
 import torch
 
 import corinfomax as cim
-from train import COMMON, PRESETS, UserError, model_config, pick_device
+from train import COMMON, PRESETS, Parser, UserError, model_config, pick_device, positive_int
 
 
 def synchronize(device):
@@ -38,15 +37,17 @@ def timed(fn, repeats, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cifar100", choices=sorted(PRESETS),
                    help="recipe whose layer sizes and iterations are timed (default cifar100)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=20, help="training batch (default 20)")
-    p.add_argument("--eval-batch-size", type=int,
+    p.add_argument("--batch-size", type=positive_int, default=20,
+                   help="training batch (default 20)")
+    p.add_argument("--eval-batch-size", type=positive_int,
                    help="evaluation batch (default 1000 on CPU, 10000 on CUDA)")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
-    p.add_argument("--eval-samples", type=int,
+    p.add_argument("--steps", type=positive_int, default=20,
+                   help="timed training steps (default 20)")
+    p.add_argument("--eval-samples", type=positive_int,
                    help="samples evaluated (default: 4 eval batches on CUDA, 2 on CPU)")
     p.add_argument("--plain", action="store_true", help="time the plain train_step instead")
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -54,7 +55,7 @@ def main(argv=None):
     try:
         device = pick_device(args.device)
     except UserError as exc:
-        p.error(str(exc))
+        p.exit(2, f"error: {exc}\n")
 
     recipe = dict(COMMON, **PRESETS[args.preset])
     n_in, n_classes = (784, 10) if "mnist" in args.preset else (3072, 10)

@@ -11,25 +11,26 @@ of the output rates. A run trained on CUDA evaluates on a CPU-only machine.
 
 import json
 import sys
+from pathlib import Path
 
 import corinfomax as cim
-from train import Parser, UserError, load_checkpoint, load_data, pick_device, positive_int
+import train
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.splitlines()[0])
+    p = train.Parser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="run folder written by train.py (holds last.pt)")
     p.add_argument("--split", choices=("test", "train"), default="test",
                    help="which split to score (default test)")
     p.add_argument("--data-dir", help="data location if it moved (default: the run's own)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=positive_int, default=1000,
+    p.add_argument("--batch-size", type=train.positive_int, default=1000,
                    help="evaluation batch; results do not depend on it (default 1000)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
     try:
         result = score(args)
-    except UserError as exc:
+    except train.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -42,15 +43,31 @@ def main(argv=None):
 
 
 def score(args):
-    device = pick_device(args.device)
-    ckpt = load_checkpoint(args.run_dir)
+    device = train.pick_device(args.device)
+    run_dir = Path(args.run_dir)
+    if run_dir.name == "last.pt" and run_dir.is_file():
+        run_dir = run_dir.parent
+    ckpt = train.load_checkpoint(run_dir)
     config = ckpt["config"]
-    train = args.split == "train"
-    X, labels, _, _ = load_data(config["dataset"], args.data_dir or config["data_dir"], train,
-                                config["train_subset" if train else "test_subset"],
-                                config["norm"])
+
+    # The split, normalised as in training; its classes and image size must be the run's.
+    on_train = args.split == "train"
+    data_dir = args.data_dir or config["data_dir"]
+    subset = config["train_subset" if on_train else "test_subset"]
+    X, labels, classes, _ = train.load_data(config["dataset"], data_dir, on_train, subset,
+                                            config["norm"])
+    train.check_same_data(f"the {args.split} split in {data_dir}", classes, X.shape[1:],
+                          config["classes"], config["model"]["sizes"][:1])
+
     model = cim.CorInfoMax(cim.Config(**config["model"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise train.UserError(f"{run_dir}/last.pt holds weights that do not fit its own "
+                              "configuration: the file was altered") from None
+    if not train.weights_finite(model):
+        raise train.UserError(f"{run_dir}/last.pt holds non-finite weights: retrain with a "
+                              "smaller --neural-lr or smaller learning rates")
     model.to(device)
     return cim.evaluate(model, X.to(device), labels.to(device), args.batch_size)
 

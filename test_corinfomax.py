@@ -35,6 +35,7 @@ import torch
 import torchvision.datasets
 from PIL import Image
 
+import benchmark
 import corinfomax as cim
 import evaluate as evaluate_cli
 import train
@@ -908,6 +909,8 @@ def test_divergence_in_second_epoch_keeps_the_last_good_checkpoint(
     ["--hidden", "-3"], ["--lr-ff", "abc,1"], ["--epochs", "0"], ["--batch-size", "-1"],
     ["--neural-lr", "nan"], ["--lam", "1.5"], ["--lam", "1"],
     ["--batch-size", "100"],  # more than the 36 training images
+    ["--neural-lr-stop", "0.5"],  # above the recipe's --neural-lr
+    ["--seed", str(2**64)], ["--device", "mps"], ["--device", "meta"], ["--epochs", "1e3"],
     pytest.param(["--device", "cuda"], marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="CUDA is present")),
 ], ids=" ".join)
@@ -932,6 +935,63 @@ def test_bad_imagefolder_fails_with_one_line(tmp_path, capsys, n_classes, empty_
         Image.new(*odd_image).save(data / named)
     line = cli_error(capsys, train.main, tiny_args(data, tmp_path / "run"))
     assert str(data / named) in line
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image", "truncated"])
+def test_unreadable_image_fails_with_one_line_naming_it(tmp_path, capsys, content):
+    data = tmp_path / "data"
+    write_imagefolder(data, 4)
+    bad = data / "test" / "class2" / "1.png"
+    if content == "truncated":
+        content = bad.read_bytes()[:40]
+    bad.write_bytes(content)
+    line = cli_error(capsys, train.main, tiny_args(data, tmp_path / "run"))
+    assert str(bad) in line
+
+
+@pytest.mark.parametrize("tool", ["train", "evaluate"])
+def test_test_classes_are_matched_by_name(two_epoch_run, tiny_data, tmp_path, capsys, tool):
+    """Same number of classes, one renamed: labels would shift silently if matched by count."""
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    (data / "test" / "class0").rename(data / "test" / "zeppelin")
+    if tool == "train":
+        line = cli_error(capsys, train.main, tiny_args(data, tmp_path / "run"))
+    else:
+        argv = [two_epoch_run, "--data-dir", data, "--device", "cpu"]
+        line = cli_error(capsys, evaluate_cli.main, argv)
+    assert "zeppelin" in line and "class0" in line
+
+
+def test_out_that_is_a_file_fails_before_any_work(tiny_data, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for out in (afile, afile / "sub"):
+        line = cli_error(capsys, train.main, tiny_args(tiny_data, out))
+        assert "--out" in line
+    assert afile.read_text() == "keep me"
+
+
+def test_divergence_in_the_first_epoch_says_no_checkpoint_exists(tiny_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    line = cli_error(capsys, train.main, tiny_args(tiny_data, run, "--neural-lr", "1e6"))
+    assert "no checkpoint" in line and not (run / "last.pt").exists()
+
+
+def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(two_epoch_run, tmp_path, capsys):
+    run = copy_run(two_epoch_run, tmp_path)
+    ckpt = checkpoint(run)
+    ckpt["model"]["W_ff_0"][0, 0] = float("nan")
+    torch.save(ckpt, run / "last.pt")
+    line = cli_error(capsys, evaluate_cli.main, [run, "--device", "cpu"])
+    assert "non-finite" in line
+
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--batch-size", "0"],
+                                   ["--eval-samples", "-5"], ["--device", "tpu"],
+                                   ["--preset", "nope"]], ids=" ".join)
+def test_benchmark_bad_flag_fails_with_one_line(capsys, flags):
+    line = cli_error(capsys, benchmark.main, ["--preset", "mnist", "--device", "cpu", *flags])
+    assert flags[0] in line or flags[1] in line
 
 
 def test_missing_cifar10_without_network_fails_with_one_line(tmp_path, monkeypatch, capsys):

@@ -111,7 +111,8 @@ def number(kind, allow_zero=False):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(
                 f"{text!r} must be a finite number {'>= 0' if allow_zero else 'above 0'}")
@@ -120,6 +121,14 @@ def number(kind, allow_zero=False):
 
 
 positive_int, positive, non_negative = number(int), number(float), number(float, True)
+
+
+def seed_value(text):
+    """An argparse type: a seed torch accepts, 0 <= seed < 2^63."""
+    value = number(int, allow_zero=True)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} must be below 2^63")
+    return value
 
 
 def listed(item):
@@ -152,7 +161,7 @@ def build_parser():
                    help="on CUDA, replay each training step from a captured graph (default on)")
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (default auto: cuda when available)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_value, default=0,
                    help="seed of the weights, the shuffle and the signs of beta (default 0)")
     p.add_argument("--out", help="run folder (default runs/<dataset>-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR",
@@ -235,6 +244,9 @@ def check_recipe(recipe):
     if not 0 < recipe["lam"] < 1:
         raise UserError(f"--lam {recipe['lam']} must lie strictly between 0 and 1 "
                         "(the recipes use 0.99999)")
+    if recipe["neural_lr_stop"] > recipe["neural_lr"]:
+        raise UserError(f"--neural-lr-stop {recipe['neural_lr_stop']} is above --neural-lr "
+                        f"{recipe['neural_lr']}: the floor of the step must lie below its start")
     for k, t in enumerate(types * P if len(types) == 1 else types):
         if t == "sparse" and recipe["q_lr"][k] <= 0:
             raise UserError(f"--q-lr: layer {k + 1} is sparse and needs a positive "
@@ -263,7 +275,9 @@ def pick_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported --device {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA, but this PyTorch sees no CUDA GPU: "
                         "use --device cpu (or auto)")
@@ -292,11 +306,12 @@ def torchvision_split(dataset, data_dir, train):
             raise UserError(
                 f"could not find or download {dataset} in {data_dir} ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else 'no details'}): with no network, "
-                f"place {DOWNLOADS[dataset]} in {data_dir}/ and rerun") from None
+                f"place {DOWNLOADS[dataset]} in {data_dir}/ (remove any damaged copy there) "
+                "and rerun") from None
     data = torch.as_tensor(np.asarray(ds.data))
     images = data.permute(0, 3, 1, 2) if data.ndim == 4 else data[:, None]  # (n, C, H, W)
-    return images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long), \
-        len(ds.classes)
+    labels = torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+    return images.contiguous(), labels, list(ds.classes)
 
 
 def subset_indices(n, subset):
@@ -308,7 +323,7 @@ def subset_indices(n, subset):
 
 
 def imagefolder_split(data_dir, train, subset=None):
-    """Images (n, C, H, W) uint8, labels and class count from DIR/train or DIR/test|val."""
+    """Images (n, C, H, W) uint8, labels and class names from DIR/train or DIR/test|val."""
     from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
@@ -335,7 +350,13 @@ def imagefolder_split(data_dir, train, subset=None):
     samples = [ds.samples[i] for i in subset_indices(len(ds.samples), subset)]
     images, first = [], None
     for path, _ in samples:
-        with Image.open(path) as img:
+        try:
+            img = Image.open(path)
+            img.load()
+        except OSError as exc:
+            raise UserError(f"imagefolder: cannot read {path} as an image ({type(exc).__name__}: "
+                            f"{exc}): remove or replace the file") from None
+        with img:
             key = (img.mode, img.size)
             if first is None:
                 first = (key, path)
@@ -346,7 +367,7 @@ def imagefolder_split(data_dir, train, subset=None):
                     "share one size and colour mode; convert them first")
             images.append(pil_to_tensor(img))
     labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-    return torch.stack(images), labels, len(ds.classes)
+    return torch.stack(images), labels, list(ds.classes)
 
 
 def load_data(dataset, data_dir, train, subset=None, norm=None):
@@ -354,12 +375,12 @@ def load_data(dataset, data_dir, train, subset=None, norm=None):
 
     norm: (mean, std) per channel; None takes the data set's own: CIFAR constants, [0, 1]
     for MNIST-like data, and for imagefolder the split's own channel means and 3x stds.
-    Returns X, labels, n_classes, norm.
+    Returns X, labels, the class names and norm.
     """
     if dataset == "imagefolder":
-        images, labels, n_classes = imagefolder_split(data_dir, train, subset)
+        images, labels, classes = imagefolder_split(data_dir, train, subset)
     else:
-        images, labels, n_classes = torchvision_split(dataset, data_dir, train)
+        images, labels, classes = torchvision_split(dataset, data_dir, train)
         keep = subset_indices(len(labels), subset)
         images, labels = images[keep], labels[keep]
     x = images.float() / 255.0  # ToTensor, (n, C, H, W)
@@ -371,15 +392,30 @@ def load_data(dataset, data_dir, train, subset=None, norm=None):
         else:
             norm = ([0.0] * x.shape[1], [1.0] * x.shape[1])
     if len(norm[0]) != x.shape[1]:
-        raise UserError(f"the images in {data_dir} have {x.shape[1]} colour channel(s), the "
-                        f"run was made with {len(norm[0])}: point --data-dir at the run's data")
+        raise UserError(f"the {'training' if train else 'test'} images in {data_dir} have "
+                        f"{x.shape[1]} colour channel(s) where {len(norm[0])} are expected: all "
+                        "images of a run must share one colour mode")
     mean = torch.tensor(norm[0])[None, :, None, None]
     std = torch.tensor(norm[1])[None, :, None, None]
     X = ((x - mean) / std).reshape(x.shape[0], -1)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= n_classes):
-        raise UserError(f"labels outside 0..{n_classes - 1} in the {dataset} data: "
+    if labels.numel() and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise UserError(f"labels outside 0..{len(classes) - 1} in the {dataset} data: "
                         "check the data files")
-    return X, labels, n_classes, norm
+    return X, labels, classes, norm
+
+
+def check_same_data(what, classes, shape, expected_classes, expected_shape):
+    """Refuse data whose classes (by name, in order) or image size differ from a reference."""
+    if list(classes) != list(expected_classes):
+        missing = sorted(set(expected_classes) - set(classes))[:3]
+        extra = sorted(set(classes) - set(expected_classes))[:3]
+        raise UserError(f"{what} holds other classes than the training data (missing "
+                        f"{missing or 'none'}, unexpected {extra or 'none'}): labels are "
+                        "matched by class name, so every split must hold the same classes")
+    if list(shape) != list(expected_shape):
+        raise UserError(f"{what} has images of {shape[0]} inputs per image where "
+                        f"{expected_shape[0]} are expected: every image must have the same "
+                        "size and colour mode")
 
 
 # ----------------------------------------------------------------------------------------
@@ -502,19 +538,49 @@ def main(argv=None):
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"error: could not write the run folder ({exc}): free some space or choose "
-              "another --out; the previous checkpoint is kept", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: the checkpoint of the last finished epoch is kept; continue with "
-              "--resume RUN_DIR", file=sys.stderr)
-        return 130
-    except Diverged as exc:
-        print(f"error: training diverged ({exc}): the neural step --neural-lr or the learning "
-              "rates --lr-ff/--lr-fb are likely too large; the last good checkpoint is kept",
-              file=sys.stderr)
-        return 3
+    except (OSError, RuntimeError, KeyboardInterrupt, Diverged) as exc:
+        message, status = failure_message(exc, args)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return status
+
+
+def failure_message(exc, args):
+    """One line and an exit status for a run that stopped part-way; (None, None) for errors
+    that are not understood here (they keep their traceback)."""
+    out = getattr(args, "run_dir", None)
+    if out is not None and (out / "last.pt").exists():
+        kept = f"the checkpoint of the last finished epoch is kept: --resume {out} continues"
+    else:
+        kept = "no epoch had finished, so there is no checkpoint to keep"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, KeyboardInterrupt):
+        return f"interrupted: {kept}", 130
+    if isinstance(exc, Diverged):
+        return (f"error: training diverged ({text}): the neural step --neural-lr or the "
+                f"learning rates --lr-ff/--lr-fb are likely too large; {kept}"), 3
+    if isinstance(exc, OSError):
+        return f"error: could not write the run folder ({text}): {kept}", 1
+    if "allocate" in text or "out of memory" in text:
+        return (f"error: not enough memory ({text}): use smaller --hidden, --batch-size or "
+                f"--eval-batch-size; {kept}"), 1
+    if "overflow" in text:
+        return (f"error: a value overflowed ({text}): a recipe value (--g, --beta, --lam, "
+                f"--lr-ff, ...) is far too large; {kept}"), 1
+    return None, None
+
+
+def check_out_folder(out):
+    """Refuse an --out that is a file or lies under one, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: cannot create a folder under {parent}; pass a writable "
+                        "folder")
 
 
 def run(args):
@@ -532,34 +598,39 @@ def run(args):
             raise UserError(f"--out {args.out} with --resume {out}: a resumed run stays in its "
                             "own folder; drop --out")
         config["epochs"] = args.epochs or config["epochs"]
-        config["data_dir"] = args.data_dir or config["data_dir"]
+        config["data_dir"] = str(Path(args.data_dir).resolve()) if args.data_dir \
+            else config["data_dir"]
         if ckpt["epoch"] >= config["epochs"]:
             print(f"{out} has already finished {ckpt['epoch']} of {config['epochs']} epochs; "
                   "pass --epochs N with a larger N to train on")
             return 0
     else:
         args.dataset = args.dataset or "cifar100"
-        args.data_dir = args.data_dir or "./data"
+        args.data_dir = str(Path(args.data_dir or "./data").resolve())
         recipe = resolve_recipe(args)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(args.out or f"runs/{args.dataset}-{stamp}")
-        if (out / "last.pt").exists() or (out / "metrics.json").exists():
+        check_out_folder(out)
+        if (out / "last.pt").exists():
             raise UserError(f"{out} already holds a run: pass --resume {out} to continue it, "
                             "or another --out")
         config = dict(recipe, dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
                       epochs=args.epochs or 30, train_subset=args.train_subset,
                       test_subset=args.test_subset)
 
+    args.run_dir = out
+
     # Data: both splits as one tensor each on the device.
-    Xtr, Ytr, n_classes, norm = load_data(config["dataset"], config["data_dir"], True,
-                                          config["train_subset"], config.get("norm"))
-    Xte, Yte, n_test_classes, _ = load_data(config["dataset"], config["data_dir"], False,
-                                            config["test_subset"], norm)
-    if n_test_classes != n_classes or Xte.shape[1] != Xtr.shape[1]:
-        raise UserError(f"the test split has {n_test_classes} classes and {Xte.shape[1]} "
-                        f"inputs, the training split {n_classes} and {Xtr.shape[1]}: both "
-                        "splits must hold the same classes and image size")
-    config["norm"] = norm
+    Xtr, Ytr, classes, norm = load_data(config["dataset"], config["data_dir"], True,
+                                        config["train_subset"], config.get("norm"))
+    Xte, Yte, test_classes, _ = load_data(config["dataset"], config["data_dir"], False,
+                                          config["test_subset"], norm)
+    if args.resume:
+        check_same_data(f"--data-dir {config['data_dir']}", classes, Xtr.shape[1:],
+                        config["classes"], config["model"]["sizes"][:1])
+    check_same_data("the test split", test_classes, Xte.shape[1:], classes, Xtr.shape[1:])
+    n_classes = len(classes)
+    config["norm"], config["classes"] = norm, classes
     if config["batch_size"] > Xtr.shape[0]:
         raise UserError(f"--batch-size {config['batch_size']} is larger than the "
                         f"{Xtr.shape[0]} training samples: use a smaller batch or more data")

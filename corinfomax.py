@@ -514,8 +514,8 @@ class GraphedStep:
             return self.model.fast_step(x, y, beta, lr_scale)
         self.x.copy_(x)
         self.y.copy_(y)
-        if lr_scale != self.scale:
-            self.graphs, self.scale = {}, lr_scale
+        if lr_scale != self.scale:  # a new epoch's rate: record afresh, in a fresh pool
+            self.graphs, self.scale, self.pool = {}, lr_scale, None
         if beta not in self.graphs:
             self.graphs[beta] = self._capture(beta, lr_scale)
         graph, free = self.graphs[beta]

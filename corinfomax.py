@@ -205,16 +205,13 @@ class CorInfoMax(nn.Module):
     def n_classes(self):
         return self.cfg.sizes[-1]
 
-    def _reference(self):
-        return self.W_ff_0
-
     # ------------------------------------------------------------------------------------
     # Neural dynamics
     # ------------------------------------------------------------------------------------
 
     def zero_state(self, m):
         """All layers r = 0 and interneurons q = 0 for a batch of m samples."""
-        ref = self._reference()
+        ref = self.W_ff_0  # any buffer: its dtype and device
         r = [None] + [ref.new_zeros(n, m) for n in self.cfg.sizes[1:]]  # r[k]: (N_k, m)
         q = [None] + [ref.new_zeros(1, m) for _ in range(self.P)]  # q[k]: (1, m)
         return r, q

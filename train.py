@@ -498,9 +498,10 @@ def load_checkpoint(run_dir):
 
 def check_resume_flags(args, config):
     """A resumed run keeps its own configuration: refuse flags that would change it."""
+    parser = build_parser()
     for key in RECIPE_FLAGS + RUN_FLAGS:
         value = getattr(args, key)
-        default = build_parser().get_default(key)
+        default = parser.get_default(key)
         if value is not None and value != default and value != config.get(key):
             raise UserError(f"{flag(key)} {value} differs from the run's {config.get(key)}: "
                             "--resume continues a run with its own settings (only --epochs, "

@@ -56,7 +56,17 @@ def main(argv=None):
         device = pick_device(args.device)
     except UserError as exc:
         p.exit(2, f"error: {exc}\n")
+    try:
+        measure(args, device)
+    except RuntimeError as exc:
+        if "allocate" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        p.exit(1, f"error: not enough memory ({str(exc).splitlines()[0][:120]}): use a "
+                  "smaller --batch-size, --eval-batch-size or --eval-samples\n")
 
+
+def measure(args, device):
+    """Build the recipe's network on `device`, time it and print the figures."""
     recipe = dict(COMMON, **PRESETS[args.preset])
     n_in, n_classes = (784, 10) if "mnist" in args.preset else (3072, 10)
     if args.preset.startswith("cifar100"):

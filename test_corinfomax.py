@@ -949,6 +949,14 @@ def test_unreadable_image_fails_with_one_line_naming_it(tmp_path, capsys, conten
     assert str(bad) in line
 
 
+def test_constant_colour_channel_fails_with_one_line(tmp_path, capsys):
+    """An opaque alpha channel has zero spread: normalising by it would make NaN inputs."""
+    data = tmp_path / "data"
+    write_imagefolder(data, 4, mode="RGBA")
+    line = cli_error(capsys, train.main, tiny_args(data, tmp_path / "run"))
+    assert "channel 3" in line and "RGB" in line
+
+
 @pytest.mark.parametrize("tool", ["train", "evaluate"])
 def test_test_classes_are_matched_by_name(two_epoch_run, tiny_data, tmp_path, capsys, tool):
     """Same number of classes, one renamed: labels would shift silently if matched by count."""
@@ -988,7 +996,9 @@ def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(two_epoch_run, tm
 
 @pytest.mark.parametrize("flags", [["--steps", "0"], ["--batch-size", "0"],
                                    ["--eval-samples", "-5"], ["--device", "tpu"],
-                                   ["--preset", "nope"]], ids=" ".join)
+                                   ["--preset", "nope"],
+                                   ["--batch-size", "99999999999"]],  # 313 TB of inputs
+                         ids=" ".join)
 def test_benchmark_bad_flag_fails_with_one_line(capsys, flags):
     line = cli_error(capsys, benchmark.main, ["--preset", "mnist", "--device", "cpu", *flags])
     assert flags[0] in line or flags[1] in line

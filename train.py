@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -273,7 +274,9 @@ def pick_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        with warnings.catch_warnings():  # some device names warn before they fail
+            warnings.simplefilter("ignore")
+            device = torch.device(name)
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
@@ -389,6 +392,11 @@ def load_data(dataset, data_dir, train, subset=None, norm=None):
             norm = (list(CIFAR_MEAN), list(CIFAR_STD3))
         elif dataset == "imagefolder":
             norm = (x.mean((0, 2, 3)).tolist(), (3 * x.std((0, 2, 3))).tolist())
+            flat = [c for c, s in enumerate(norm[1]) if s == 0]
+            if flat:
+                raise UserError(f"imagefolder: colour channel {flat[0]} has the same value in "
+                                f"every training image of {data_dir} (an opaque alpha "
+                                "channel?): convert the images to RGB or grayscale")
         else:
             norm = ([0.0] * x.shape[1], [1.0] * x.shape[1])
     if len(norm[0]) != x.shape[1]:
@@ -551,7 +559,8 @@ def failure_message(exc, args):
     """One line and an exit status for a run that stopped part-way; (None, None) for errors
     that are not understood here (they keep their traceback)."""
     out = getattr(args, "run_dir", None)
-    if out is not None and (out / "last.pt").exists():
+    saved = out is not None and (out / "last.pt").exists()
+    if saved:
         kept = f"the checkpoint of the last finished epoch is kept: --resume {out} continues"
     else:
         kept = "no epoch had finished, so there is no checkpoint to keep"
@@ -559,8 +568,11 @@ def failure_message(exc, args):
     if isinstance(exc, KeyboardInterrupt):
         return f"interrupted: {kept}", 130
     if isinstance(exc, Diverged):
+        where = f"{out}/last.pt, the last good epoch, is kept untouched" if saved else \
+            "no epoch had finished, so there is no checkpoint to keep"
         return (f"error: training diverged ({text}): the neural step --neural-lr or the "
-                f"learning rates --lr-ff/--lr-fb are likely too large; {kept}"), 3
+                f"learning rates --lr-ff/--lr-fb are likely too large; start a new run with "
+                f"smaller values; {where}"), 3
     if isinstance(exc, OSError):
         return f"error: could not write the run folder ({text}): {kept}", 1
     if "allocate" in text or "out of memory" in text:
@@ -568,7 +580,7 @@ def failure_message(exc, args):
                 f"--eval-batch-size; {kept}"), 1
     if "overflow" in text:
         return (f"error: a value overflowed ({text}): a recipe value (--g, --beta, --lam, "
-                f"--lr-ff, ...) is far too large; {kept}"), 1
+                f"--lr-ff, ...) is far outside the recipes' range; {kept}"), 1
     return None, None
 
 

@@ -417,8 +417,8 @@ class CorInfoMax(nn.Module):
 
         Same arithmetic up to float rounding: `relax_fast` for the phases; in Eqs. 11-12 the
         two phases share one product each, W += c [e_n, -e_f] [r_n, r_f]^T, and the
-        predictions of both phases come from one product with W; Eq. 13 folds 1 / lam into
-        the product. Nothing here synchronises with the host (CUDA-graph safe).
+        predictions of both phases come from one product with W; Eq. 13 is `update_lateral`.
+        Nothing here synchronises with the host (CUDA-graph safe).
         """
         cfg, P, W_ff, W_fb = self.cfg, self.P, self.W_ff, self.W_fb
         m = x.shape[1]
@@ -449,13 +449,7 @@ class CorInfoMax(nn.Module):
         for k in range(1, P):
             W_fb[k].addmm_(err_fb[k], both[k + 1].T, alpha=cfg.lr_fb[k - 1] * scale)  # Eq. 12
 
-        # Eq. 13, first order, with the division by lam folded into the product.
-        if cfg.exact_lateral:
-            self.update_lateral(rn)
-        else:
-            for k in range(1, P + 1):
-                Z = self.B[k] @ rn[k]  # (N_k, m)
-                self.B[k].addmm_(Z, Z.T, beta=1.0 / cfg.lam, alpha=-cfg.gamma / (m * cfg.lam))
+        self.update_lateral(rn)  # Eq. 13
         return free
 
     # ------------------------------------------------------------------------------------

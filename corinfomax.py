@@ -554,7 +554,7 @@ def lr_scale(epoch, decay, decay_until, late_decay=0.9):
 
 
 @torch.no_grad()
-def evaluate(model, X, labels, batch_size=1000, progress=None):
+def evaluate(model, X, labels, batch_size=1000):
     """Score the free phase on (n, N_0) rows X with (n,) labels, in batches.
 
     Returns a dict: top1 and top5 (fractions), sparsity (mean per layer) and n.
@@ -574,7 +574,5 @@ def evaluate(model, X, labels, batch_size=1000, progress=None):
         correct5 += hit5.sum().item()
         for k in range(1, model.P + 1):
             silent[k - 1] += int((r[k] < SPARSITY_THRESHOLD).sum())  # whole counts
-        if progress is not None:
-            progress.update(x.shape[1])
     sparsity = [s / (n * size) for s, size in zip(silent, model.cfg.sizes[1:], strict=True)]
     return {"top1": correct1 / n, "top5": correct5 / n, "sparsity": sparsity, "n": n}

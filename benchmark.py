@@ -6,7 +6,8 @@
 Random inputs and labels of the recipe's sizes (CIFAR: 3072 inputs; 100 or 10 classes; MNIST:
 784 and 10), on the chosen device, after a warm-up. Training runs the path train.py uses
 (`GraphedStep`: CUDA graphs on a GPU, `fast_step` on a CPU; `--plain` times the plain
-`train_step` instead); evaluation is the free phase in batches of --eval-batch-size.
+`train_step` instead, `--no-onednn` the fast path without oneDNN's products); evaluation is
+the free phase in batches of --eval-batch-size.
 Prints ms per training step, training and evaluation samples per second, and peak memory.
 """
 
@@ -50,8 +51,12 @@ def main(argv=None):
     p.add_argument("--eval-samples", type=positive_int,
                    help="samples evaluated (default: 4 eval batches on CUDA, 2 on CPU)")
     p.add_argument("--plain", action="store_true", help="time the plain train_step instead")
+    p.add_argument("--no-onednn", action="store_true",
+                   help="fast path with plain products only (no oneDNN copies of the weights)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
+    if args.no_onednn:
+        cim.USE_ONEDNN = False
     try:
         device = pick_device(args.device)
     except UserError as exc:
@@ -105,7 +110,10 @@ def measure(args, device):
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         memory = "process resident memory"
+    big = model.W_ff[1:] + model.W_fb[1:] + model.B[1:]  # the relaxation's matrices
+    onednn = not args.plain and any(cim.Prepared.pays(W, m) for W in big)
     result = {"preset": args.preset, "device": str(device), "plain": args.plain,
+              "onednn": onednn,
               "batch_size": m, "layers": model.cfg.sizes,
               "train_ms_per_step": 1000 * train_s, "train_samples_per_s": m / train_s,
               "eval_batch_size": eval_bs, "eval_samples_per_s": n_eval / eval_s,
@@ -114,7 +122,7 @@ def measure(args, device):
         print(json.dumps(result))
     else:
         print(f"{args.preset} {model.cfg.sizes} on {device} ({torch.get_num_threads()} threads)"
-              f"{' plain path' if args.plain else ''}\n"
+              f"{' plain path' if args.plain else ''}{' oneDNN products' if onednn else ''}\n"
               f"train: {1000 * train_s:.1f} ms per step of {m}, {m / train_s:.0f} samples/s\n"
               f"eval:  {n_eval / eval_s:.0f} samples/s (batch {eval_bs})\n"
               f"peak {memory}: {peak_mb:.0f} MB")

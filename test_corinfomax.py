@@ -150,7 +150,7 @@ def relax_explicit_network(types, steps, beta, relax, rule="constant"):
     q1 = t([Q1]) if types[0] == "sparse" else torch.zeros(1, 2, dtype=F64)
     q2 = t([Q2]) if types[1] == "sparse" else torch.zeros(1, 2, dtype=F64)
     r, q = [None, t(R1), t(R2)], [None, q1, q2]
-    return getattr(model, relax)(t(DRIVE), r, q, beta, t(Y), steps)
+    return getattr(model, relax)(t(DRIVE), r, q, beta, t(Y), steps)[:2]
 
 
 LAYER_TYPE_PAIRS = [("sparse", "sparse"), ("sparse", "bounded"), ("bounded", "sparse"),
@@ -201,6 +201,32 @@ def test_step_size_rules():
     assert steps == pytest.approx([0.5, 0.25, 0.01])  # 0.5 / 100 = 0.005 -> 0.01
 
 
+@pytest.mark.parametrize("third", ["sparse", "bounded"])
+def test_relax_fast_returns_the_products_of_its_final_rates(third):
+    # ff[k] = W_ff[k-1] r_{k-1} (ff[1] the drive), fb[k] = W_fb[k] r_{k+1}, lat[k] = B[k] r_k,
+    # against dense products of the returned rates; and a second phase started from them
+    # follows the plain `relax`.
+    model = make_model([6, 5, 4, 3], ["sparse", "bounded", third], seed=6, q_lr=[0.2] * 3)
+    gen = torch.Generator().manual_seed(6)
+    drive = torch.rand(5, 3, generator=gen, dtype=F64) * 3
+    y = torch.eye(3, dtype=F64)[[0, 2, 1]].T
+    r, q = model.zero_state(3)
+    r, q, (ff, fb, lat) = model.relax_fast(drive, r, q, 0.0, None, 4)
+    torch.testing.assert_close(ff[1], drive, rtol=0, atol=0)
+    for k in (2, 3):
+        torch.testing.assert_close(ff[k], model.W_ff[k - 1] @ r[k - 1], rtol=1e-12, atol=1e-12)
+    for k in (1, 2):
+        torch.testing.assert_close(fb[k], model.W_fb[k] @ r[k + 1], rtol=1e-12, atol=1e-12)
+    for k in (1, 2, 3):
+        torch.testing.assert_close(lat[k], model.B[k] @ r[k], rtol=1e-12, atol=1e-12)
+    assert all(rk.abs().sum() > 0 for rk in r[1:])  # no layer silent: the products mean it
+    carried, q_carried, _ = model.relax_fast(drive, r, q, 0.5, y, 3, inputs=(fb, lat))
+    plain, q_plain = model.relax(drive, list(r), list(q), 0.5, y, 3)
+    for k in (1, 2, 3):
+        torch.testing.assert_close(carried[k], plain[k], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(q_carried[k], q_plain[k], rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------
 # Interneuron, Eq. 9
 # ----------------------------------------------------------------------------------------
@@ -217,7 +243,7 @@ def test_interneuron_brings_l1_norm_to_one(sizes, relax):
     for q_lr in (0.0, 0.1):
         model = make_model(sizes, ["sparse"] * P, q_lr=[q_lr] * P, neural_lr=0.03)
         r, q = model.zero_state(3)
-        r, q = getattr(model, relax)(drive, r, q, 0.0, None, 1500)
+        r, q = getattr(model, relax)(drive, r, q, 0.0, None, 1500)[:2]
         sums[q_lr] = r[1].sum(0)
     assert (sums[0.0] > 4).all()  # without the interneuron the layer is far above 1
     torch.testing.assert_close(sums[0.1], torch.ones(3, dtype=F64), rtol=0, atol=1e-3)
@@ -412,6 +438,112 @@ def test_train_step_returns_free_phase_rates(third_phase, kind):
     returned = run_step(train_step_model(third_phase), kind, x, labels)
     for k in range(1, 4):
         torch.testing.assert_close(returned[k], free[k], rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# The fast path's prepared products (oneDNN, float32 on a CPU) against float64 products
+# ----------------------------------------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not cim.onednn_linear_works(),
+                                  reason="torch's oneDNN linear ops are missing here")
+
+
+@needs_onednn
+def test_large_float32_matrices_are_packed_for_narrow_batches_only():
+    W = torch.zeros(1000, 1000)
+    assert cim.Prepared(W, 20).packed is not None
+    assert cim.Prepared(W, 1000).packed is None  # wide batches: the plain product
+    assert cim.Prepared(W.double(), 20).packed is None
+    assert cim.Prepared(torch.zeros(100, 1000), 20).packed is None  # small W
+
+
+@needs_onednn
+def test_onednn_switch_keeps_plain_products(monkeypatch):
+    monkeypatch.setattr(cim, "USE_ONEDNN", False)
+    W = torch.zeros(1000, 1000)
+    assert not cim.Prepared.pays(W, 20) and cim.Prepared(W, 20).packed is None
+
+
+@pytest.mark.parametrize("shape, m, width", [((96, 80), 20, 20), ((80, 96), 7, 7),
+                                             ((33, 50), 20, 5)])
+def test_prepared_product_equals_float64_product(monkeypatch, shape, m, width):
+    monkeypatch.setattr(cim, "ONEDNN_MIN_ENTRIES", 0)  # pack even these small matrices
+    gen = torch.Generator().manual_seed(8)
+    W = torch.randn(*shape, generator=gen)
+    r = torch.rand(shape[1], width, generator=gen)
+    prepared = cim.Prepared(W, m)
+    expected = W.double() @ r.double()
+    for layout in (r, cim.by_sample(r)):  # either memory layout of the same values
+        got = prepared @ layout
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_by_sample_copies_without_aliasing():
+    a = torch.arange(12.0).reshape(3, 4)
+    once = cim.by_sample(a)
+    twice = cim.by_sample(once)  # already sample after sample: still a new tensor
+    assert once.T.is_contiguous() and twice.T.is_contiguous()
+    twice.add_(1.0)
+    assert torch.equal(once, a) and torch.equal(twice, a + 1.0)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["mm", "onednn"])
+def test_float32_fast_step_follows_float64_plain_step(monkeypatch, packed):
+    # The fast path in float32 (oneDNN products when packed) against the plain path in
+    # float64 from the same state, over two steps: equal up to float32 rounding.
+    monkeypatch.setattr(cim, "ONEDNN_MIN_ENTRIES", 0 if packed else 10**12)
+    cfg = cim.Config(sizes=[30, 40, 24, 10], layer_types=["sparse", "sparse", "sparse"],
+                     lr_ff=[0.3, 0.2, 0.1], lr_fb=[0.07, 0.05], q_lr=[0.01] * 3,
+                     random_sign=False, t_free=8, t_nudged=4)
+    fast = cim.CorInfoMax(cfg, seed=2, dtype=torch.float32)
+    plain = cim.CorInfoMax(cfg, seed=2, dtype=F64)
+    plain.load_state_dict(fast.state_dict())  # the float32 values, exactly
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(2):
+        x = torch.rand(30, 20, generator=gen)
+        labels = torch.randint(10, (20,), generator=gen)
+        free32 = fast.train_step(x, labels, fast=True)
+        free64 = plain.train_step(x.double(), labels)
+        for k in range(1, 4):
+            torch.testing.assert_close(free32[k].double(), free64[k], rtol=1e-4, atol=1e-5)
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[name].double(), value, rtol=1e-4,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="no CUDA device")),
+])
+def test_graphed_steps_follow_float64_plain_steps(device):
+    # train.py's GraphedStep in float32 (on CUDA: each sign of beta captured once as a CUDA
+    # graph, then replayed; on a CPU the same calls without capture) against the plain path
+    # in float64 on the CPU from the same state, with the same random signs.
+    cfg = cim.Config(sizes=[30, 40, 24, 10], layer_types=["sparse", "bounded", "sparse"],
+                     lr_ff=[0.3, 0.2, 0.1], lr_fb=[0.07, 0.05], q_lr=[0.01] * 3,
+                     t_free=8, t_nudged=4)
+    fast = cim.CorInfoMax(cfg, seed=3).to(device)
+    plain = cim.CorInfoMax(cfg, seed=3, dtype=F64)
+    plain.load_state_dict(fast.state_dict())  # the float32 values, exactly
+    draws = torch.Generator().manual_seed(1)
+    signs = [plain.draw_beta(draws) for _ in range(5)]
+    assert len(set(signs)) == 2 and len(signs) > 2  # both graphs, and replays of one
+    graphed = cim.GraphedStep(fast, 20, capture=device == "cuda")
+    gen_fast, gen_plain = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    data = torch.Generator().manual_seed(2)
+    for _ in signs:
+        x = torch.rand(30, 20, generator=data)
+        labels = torch.randint(10, (20,), generator=data)
+        free = graphed(x.to(device), labels.to(device), 0.5, gen_fast)
+        expected = plain.train_step(x.double(), labels, 0.5, gen_plain)
+        for k in range(1, 4):
+            torch.testing.assert_close(free[k].cpu().double(), expected[k], rtol=1e-4,
+                                       atol=1e-5)
+    assert len(graphed.graphs) == (2 if device == "cuda" else 0)
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[name].cpu().double(), value, rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_random_sign_nudging_uses_both_signs():

@@ -170,12 +170,13 @@ def one_hot(labels, n_classes, dtype):
 # Products of the fast path
 # ----------------------------------------------------------------------------------------
 
-# When a oneDNN copy of W pays (measured on 2 cores, W 2000 x 2000): from 500,000 entries
-# of W, and for batches up to 48 columns (1.4x at m = 20, even at 64, slower from 128 on).
+# When a oneDNN copy of W pays (measured on 2 cores, the CIFAR-100 recipe's matrices): from
+# 500,000 entries of W, and for batches up to about 1000 columns (products 1.9x faster at
+# m = 20, 1.2-1.3x at 48-512, 1.16x at 1000, even at 2000).
 # USE_ONEDNN = False keeps the plain product everywhere (benchmark.py --no-onednn).
 USE_ONEDNN = True
 ONEDNN_MIN_ENTRIES = 500_000
-ONEDNN_MAX_COLUMNS = 48
+ONEDNN_MAX_COLUMNS = 1024
 _onednn_ok = None  # whether torch's oneDNN linear ops work here: probed on first use
 
 
@@ -204,11 +205,12 @@ def by_sample(a):
 class Prepared:
     """A weight matrix W (M, K) made ready for many products W @ r, r (K, m).
 
-    The relaxation multiplies the same matrices by a batch of m = 20 columns dozens of
-    times. On a CPU in float32 a large W is copied once into oneDNN's blocked layout for m
-    columns, which multiplies such narrow batches 1.25-1.5x faster than the plain product
-    (MKL's `mm`). Elsewhere (CUDA, float64, small W, wide batches) it is W itself. The copy
-    does not follow later changes of W: prepare again after each weight update.
+    The relaxation multiplies the same matrices by a batch of m columns dozens of times
+    (m = 20 in training, 1000 in evaluation). On a CPU in float32 a large W is copied once
+    into oneDNN's blocked layout for m columns, which multiplies such batches 1.2-1.9x
+    faster than the plain product (MKL's `mm`). Elsewhere (CUDA, float64, small W, batches
+    over ONEDNN_MAX_COLUMNS) it is W itself. The copy does not follow later changes of W:
+    prepare again after each weight update.
     """
 
     def __init__(self, W, m):

@@ -449,10 +449,11 @@ needs_onednn = pytest.mark.skipif(not cim.onednn_linear_works(),
 
 
 @needs_onednn
-def test_large_float32_matrices_are_packed_for_narrow_batches_only():
+def test_large_float32_matrices_are_packed_for_batches_up_to_the_cap():
     W = torch.zeros(1000, 1000)
     assert cim.Prepared(W, 20).packed is not None
-    assert cim.Prepared(W, 1000).packed is None  # wide batches: the plain product
+    assert cim.Prepared(W, cim.ONEDNN_MAX_COLUMNS).packed is not None
+    assert cim.Prepared(W, cim.ONEDNN_MAX_COLUMNS + 1).packed is None  # the plain product
     assert cim.Prepared(W.double(), 20).packed is None
     assert cim.Prepared(torch.zeros(100, 1000), 20).packed is None  # small W
 
@@ -487,7 +488,8 @@ def test_by_sample_copies_without_aliasing():
     assert torch.equal(once, a) and torch.equal(twice, a + 1.0)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["mm", "onednn"])
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_onednn)],
+                         ids=["mm", "onednn"])
 def test_float32_fast_step_follows_float64_plain_step(monkeypatch, packed):
     # The fast path in float32 (oneDNN products when packed) against the plain path in
     # float64 from the same state, over two steps: equal up to float32 rounding.
@@ -509,6 +511,26 @@ def test_float32_fast_step_follows_float64_plain_step(monkeypatch, packed):
     for name, value in plain.state_dict().items():
         torch.testing.assert_close(fast.state_dict()[name].double(), value, rtol=1e-4,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_onednn)],
+                         ids=["mm", "onednn"])
+def test_float32_evaluation_batch_follows_float64_plain_free_phase(monkeypatch, packed):
+    # Evaluation batches (here 300 columns) through the fast free phase in float32, oneDNN
+    # products when packed, against the plain free phase in float64 from the same weights.
+    monkeypatch.setattr(cim, "ONEDNN_MIN_ENTRIES", 0 if packed else 10**12)
+    cfg = cim.Config(sizes=[30, 40, 24, 10], layer_types=["sparse", "bounded", "sparse"],
+                     lr_ff=[0.3, 0.2, 0.1], lr_fb=[0.07, 0.05], q_lr=[0.01] * 3, t_free=12)
+    fast = cim.CorInfoMax(cfg, seed=5, dtype=torch.float32)
+    plain = cim.CorInfoMax(cfg, seed=5, dtype=F64)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.rand(30, 300, generator=torch.Generator().manual_seed(5)) * 4
+    assert cim.Prepared.pays(fast.B[1], 300) == packed
+    got = fast.free_phase(x, fast=True)
+    expected = plain.free_phase(x.double())
+    assert all(expected[k].abs().sum() > 0 for k in (1, 2, 3))
+    for k in (1, 2, 3):
+        torch.testing.assert_close(got[k].double(), expected[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", [

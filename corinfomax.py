@@ -525,9 +525,10 @@ class CorInfoMax(nn.Module):
 
         Same arithmetic up to float rounding: `relax_fast` for the phases, each starting from
         the products where the one before ended; in Eqs. 11-12 the two phases share one
-        product each, W += c [e_n, -e_f] [r_n, r_f]^T, with the predictions W r of both
-        phases taken from the relaxation's last products, as is Z = B r^n of Eq. 13.
-        Nothing here synchronises with the host (CUDA-graph safe).
+        product each, W += c [e_n, -e_f] [r_n, r_f]^T (c (r^n_1 - r^f_1) x^T for W_ff[0],
+        whose input is the same in both), with the predictions W r of both phases taken
+        from the relaxation's last products, as is Z = B r^n of Eq. 13. Nothing here
+        synchronises with the host (CUDA-graph safe).
         """
         cfg, P, W_ff, W_fb = self.cfg, self.P, self.W_ff, self.W_fb
         m = x.shape[1]
@@ -549,15 +550,18 @@ class CorInfoMax(nn.Module):
             scale = scale / 2
         free, rn, rf = [x] + free[1:], [x] + nudged[1:], [x] + other[1:]
 
-        # Both phases side by side: columns 0..m-1 nudged, m..2m-1 the other phase, and
-        # the prediction errors [e_n, -e_f] with the current weights.
-        both = [torch.cat((a, b), 1) for a, b in zip(rn, rf, strict=True)]  # (N_k, 2m)
-        err_ff = [torch.cat((rn[k + 1] - ff_n[k + 1], ff_o[k + 1] - rf[k + 1]), 1)
-                  for k in range(P)]  # (N_{k+1}, 2m)
+        # Both phases side by side, (N_k, 2m): columns 0..m-1 nudged, m..2m-1 the other
+        # phase, and the prediction errors [e_n, -e_f] with the current weights.
+        both = [None] + [torch.cat((a, b), 1) for a, b in zip(rn[1:], rf[1:], strict=True)]
+        err_ff = [None] + [torch.cat((rn[k + 1] - ff_n[k + 1], ff_o[k + 1] - rf[k + 1]), 1)
+                           for k in range(1, P)]  # (N_{k+1}, 2m)
         err_fb = [None] + [torch.cat((rn[k] - fb_n[k], fb_o[k] - rf[k]), 1)
                            for k in range(1, P)]  # (N_k, 2m)
 
-        for k in range(P):
+        # Eq. 11 for k = 0: both phases see the same x and drive W_ff[0] x, so
+        # e_n x^T - e_f x^T = (r^n_1 - r^f_1) x^T, one product of m columns.
+        W_ff[0].addmm_(rn[1] - rf[1], x.T, alpha=cfg.lr_ff[0] * scale)
+        for k in range(1, P):
             W_ff[k].addmm_(err_ff[k], both[k].T, alpha=cfg.lr_ff[k] * scale)  # Eq. 11
         for k in range(1, P):
             W_fb[k].addmm_(err_fb[k], both[k + 1].T, alpha=cfg.lr_fb[k - 1] * scale)  # Eq. 12

@@ -121,8 +121,10 @@ def measure(args, device):
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.preset} {model.cfg.sizes} on {device} ({torch.get_num_threads()} threads)"
-              f"{' plain path' if args.plain else ''}{' oneDNN products' if onednn else ''}\n"
+        path = ("plain path" if args.plain else
+                "fast path, " + ("oneDNN products" if onednn else "plain products"))
+        print(f"{args.preset} {model.cfg.sizes} on {device} ({torch.get_num_threads()} threads),"
+              f" {path}\n"
               f"train: {1000 * train_s:.1f} ms per step of {m}, {m / train_s:.0f} samples/s\n"
               f"eval:  {n_eval / eval_s:.0f} samples/s (batch {eval_bs})\n"
               f"peak {memory}: {peak_mb:.0f} MB")

@@ -465,6 +465,7 @@ def plot_curves(metrics, path, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [m["epoch"] for m in metrics]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -472,6 +473,7 @@ def plot_curves(metrics, path, title):
     ax.plot(epochs, [100 * m["test_top1"] for m in metrics], "o-", label="test top-1")
     ax.set_title(title)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -642,6 +644,11 @@ def run(args):
         check_same_data(f"--data-dir {config['data_dir']}", classes, Xtr.shape[1:],
                         config["classes"], config["model"]["sizes"][:1])
     check_same_data("the test split", test_classes, Xte.shape[1:], classes, Xtr.shape[1:])
+    for flag, X in (("train", Xtr), ("test", Xte)):
+        asked = config[f"{flag}_subset"]
+        if asked is not None and asked > X.shape[0]:
+            print(f"note: --{flag}-subset {asked} is more than the {X.shape[0]} samples of the "
+                  f"{flag} split; all of them are used")
     n_classes = len(classes)
     config["norm"], config["classes"] = norm, classes
     if config["batch_size"] > Xtr.shape[0]:
@@ -680,6 +687,8 @@ def run(args):
     print(f"{config['dataset']}: {Xtr.shape[0]} train, {Xte.shape[0]} test, layers "
           f"{cfg.sizes} ({','.join(cfg.layer_types)}), preset {config['preset']}, {device}, "
           f"run folder {out}")
+    if start:
+        print(f"resuming after epoch {start} of {config['epochs']}")
     for epoch in range(start, config["epochs"]):
         t0 = time.time()
         scale = cim.lr_scale(epoch, config["lr_decay"], config["lr_decay_until"])

@@ -63,11 +63,13 @@ def main(argv=None):
         p.exit(2, f"error: {exc}\n")
     try:
         measure(args, device)
+    except KeyboardInterrupt:
+        p.exit(130, "interrupted: nothing was measured to the end\n")
     except RuntimeError as exc:
         if "allocate" not in str(exc) and "out of memory" not in str(exc):
             raise
-        p.exit(1, f"error: not enough memory ({str(exc).splitlines()[0][:120]}): use a "
-                  "smaller --batch-size, --eval-batch-size or --eval-samples\n")
+        p.exit(1, f"error: not enough memory ({str(exc).splitlines()[0]}): use a smaller "
+                  "--batch-size, --eval-batch-size or --eval-samples\n")
 
 
 def measure(args, device):
@@ -100,6 +102,7 @@ def measure(args, device):
     # Evaluation: free phase on large batches.
     eval_bs = args.eval_batch_size or (10000 if device.type == "cuda" else 1000)
     n_eval = args.eval_samples or eval_bs * (4 if device.type == "cuda" else 2)
+    eval_bs = min(eval_bs, n_eval)  # the batch as run
     X = torch.rand(n_eval, n_in, device=device)
     Y = torch.randint(n_classes, (n_eval,), device=device)
     eval_s = timed(lambda: cim.evaluate(model, X, Y, eval_bs), 1, device)

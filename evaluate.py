@@ -11,7 +11,6 @@ of the output rates. A run trained on CUDA evaluates on a CPU-only machine.
 
 import json
 import sys
-from pathlib import Path
 
 import corinfomax as cim
 import train
@@ -33,6 +32,9 @@ def main(argv=None):
     except train.UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was scored", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(result))
     else:
@@ -44,9 +46,7 @@ def main(argv=None):
 
 def score(args):
     device = train.pick_device(args.device)
-    run_dir = Path(args.run_dir)
-    if run_dir.name == "last.pt" and run_dir.is_file():
-        run_dir = run_dir.parent
+    run_dir = train.run_folder(args.run_dir)
     ckpt = train.load_checkpoint(run_dir)
     config = ckpt["config"]
 

@@ -933,11 +933,13 @@ def test_same_seed_gives_identical_runs(tiny_data, two_epoch_run, tmp_path):
     assert not all(torch.equal(first[name], start[name]) for name in start)
 
 
-def test_resume_continues_bit_for_bit(tiny_data, two_epoch_run, tmp_path):
+@pytest.mark.parametrize("target", ["", "last.pt"], ids=["run-folder", "its-last.pt"])
+def test_resume_continues_bit_for_bit(tiny_data, two_epoch_run, tmp_path, target):
     straight = tmp_path / "straight"
     assert train.main(tiny_args(tiny_data, straight, "--epochs", 3)) == 0
     resumed = copy_run(two_epoch_run, tmp_path)
-    assert train.main(["--resume", str(resumed), "--epochs", "3", "--device", "cpu"]) == 0
+    argv = ["--resume", str(resumed / target), "--epochs", "3", "--device", "cpu"]
+    assert train.main(argv) == 0
     a, b = checkpoint(straight), checkpoint(resumed)
     assert a["epoch"] == b["epoch"] == 3
     assert set(a["model"]) == {"W_ff_0", "W_ff_1", "W_fb_1", "B_1", "B_2"}
@@ -1151,11 +1153,20 @@ def test_evaluate_refuses_a_checkpoint_with_non_finite_weights(two_epoch_run, tm
 @pytest.mark.parametrize("flags", [["--steps", "0"], ["--batch-size", "0"],
                                    ["--eval-samples", "-5"], ["--device", "tpu"],
                                    ["--preset", "nope"],
-                                   ["--batch-size", "99999999999"]],  # 313 TB of inputs
+                                   ["--batch-size", "99999999999"],  # 313 TB of inputs
+                                   ["--steps", "1" + "0" * 20]],  # above any int64
                          ids=" ".join)
 def test_benchmark_bad_flag_fails_with_one_line(capsys, flags):
     line = cli_error(capsys, benchmark.main, ["--preset", "mnist", "--device", "cpu", *flags])
     assert flags[0] in line or flags[1] in line
+
+
+def test_benchmark_reports_the_evaluation_batch_it_ran(capsys):
+    argv = ["--preset", "mnist", "--device", "cpu", "--steps", "1", "--eval-samples", "3",
+            "--json"]
+    benchmark.main(argv)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval_batch_size"] == 3 and result["layers"] == [784, 500, 10]
 
 
 def test_missing_cifar10_without_network_fails_with_one_line(tmp_path, monkeypatch, capsys):
@@ -1186,6 +1197,37 @@ def test_resume_that_would_change_the_run_fails_with_one_line(
 def test_resume_without_checkpoint_fails_with_one_line(tmp_path, capsys):
     argv = ["--resume", tmp_path, "--epochs", 2, "--device", "cpu"]
     assert "last.pt" in cli_error(capsys, train.main, argv)
+
+
+@pytest.mark.parametrize("key", ["resume", "out", "data-dir"])
+def test_empty_folder_flag_fails_with_one_line(tiny_data, tmp_path, capsys, key):
+    """An unset shell variable (--resume $RUN) must not start a fresh run instead."""
+    argv = tiny_args(tiny_data, tmp_path / "run") + [f"--{key}", ""]
+    assert f"--{key}" in cli_error(capsys, train.main, argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_lacking_entries_fails_with_one_line(two_epoch_run, tmp_path, capsys):
+    run = copy_run(two_epoch_run, tmp_path)
+    ckpt = checkpoint(run)
+    del ckpt["config"]
+    torch.save(ckpt, run / "last.pt")
+    before = files(run)
+    argv = ["--resume", run, "--epochs", 3, "--device", "cpu"]
+    assert "config" in cli_error(capsys, train.main, argv)
+    assert "config" in cli_error(capsys, evaluate_cli.main, [run, "--device", "cpu"])
+    assert files(run) == before
+
+
+def test_resume_refuses_a_checkpoint_with_non_finite_weights(two_epoch_run, tmp_path, capsys):
+    run = copy_run(two_epoch_run, tmp_path)
+    ckpt = checkpoint(run)
+    ckpt["model"]["B_1"][1, 1] = float("inf")
+    torch.save(ckpt, run / "last.pt")
+    before = files(run)
+    argv = ["--resume", run, "--epochs", 3, "--device", "cpu"]
+    assert "non-finite" in cli_error(capsys, train.main, argv)
+    assert files(run) == before
 
 
 def test_out_folder_holding_a_run_fails_with_one_line(tiny_data, two_epoch_run, tmp_path,

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -106,8 +107,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def number(kind, allow_zero=False):
-    """An argparse type: a finite `kind` above zero (or at least zero with allow_zero)."""
+def number(kind, allow_zero=False, most=None):
+    """An argparse type: a finite `kind` above zero (or at least zero with allow_zero), and
+    at most `most` if given."""
     def parse(text):
         try:
             value = kind(text)
@@ -117,11 +119,16 @@ def number(kind, allow_zero=False):
         if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(
                 f"{text!r} must be a finite number {'>= 0' if allow_zero else 'above 0'}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{text!r} is too large (at most {most:.0e})")
         return value
     return parse
 
 
-positive_int, positive, non_negative = number(int), number(float), number(float, True)
+# Counts (sizes, batches, steps) stop at 10^12, far beyond any memory, so that a typing slip
+# gets this one line instead of an integer overflow inside torch.
+positive_int = number(int, most=10**12)
+positive, non_negative = number(float), number(float, True)
 
 
 def seed_value(text):
@@ -286,7 +293,7 @@ def pick_device(name):
                         "use --device cpu (or auto)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA devices")
-    return device
+    return device if device.type == "cuda" else torch.device("cpu")  # cpu:N is the one CPU
 
 
 # ----------------------------------------------------------------------------------------
@@ -484,6 +491,15 @@ def plot_curves(metrics, path, title):
     os.replace(tmp, path)
 
 
+CHECKPOINT_KEYS = ("format_version", "model", "config", "epoch", "metrics", "rng")
+
+
+def run_folder(path):
+    """The run folder named by `path`: the folder itself, or the folder of its last.pt."""
+    path = Path(path)
+    return path.parent if path.name == "last.pt" and path.is_file() else path
+
+
 def load_checkpoint(run_dir):
     path = Path(run_dir) / "last.pt"
     if not path.is_file():
@@ -499,6 +515,10 @@ def load_checkpoint(run_dir):
     if ckpt.get("format_version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} has checkpoint format {ckpt.get('format_version')}, this "
                         f"code reads format {CHECKPOINT_VERSION}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it was altered or not written by "
+                        "train.py; resume or evaluate the run's own last.pt")
     return ckpt
 
 
@@ -573,8 +593,9 @@ def failure_message(exc, args):
         where = f"{out}/last.pt, the last good epoch, is kept untouched" if saved else \
             "no epoch had finished, so there is no checkpoint to keep"
         return (f"error: training diverged ({text}): the neural step --neural-lr or the "
-                f"learning rates --lr-ff/--lr-fb are likely too large; start a new run with "
-                f"smaller values; {where}"), 3
+                f"learning rates --lr-ff/--lr-fb are likely too large (or another recipe "
+                f"value is far outside the recipes' range); start a new run with smaller "
+                f"values; {where}"), 3
     if isinstance(exc, OSError):
         return f"error: could not write the run folder ({text}): {kept}", 1
     if "allocate" in text or "out of memory" in text:
@@ -602,10 +623,13 @@ def run(args):
     from tqdm import tqdm
 
     device = pick_device(args.device)
+    for key in ("resume", "out", "data_dir"):
+        if getattr(args, key) is not None and not getattr(args, key).strip():
+            raise UserError(f"{flag(key)} is empty (an unset shell variable?): pass a folder")
 
     # Configuration: a new run resolves its recipe; a resumed run reads its own.
     if args.resume:
-        out = Path(args.resume)
+        out = run_folder(args.resume)
         ckpt = load_checkpoint(out)
         config = ckpt["config"]
         check_resume_flags(args, config)
@@ -644,11 +668,11 @@ def run(args):
         check_same_data(f"--data-dir {config['data_dir']}", classes, Xtr.shape[1:],
                         config["classes"], config["model"]["sizes"][:1])
     check_same_data("the test split", test_classes, Xte.shape[1:], classes, Xtr.shape[1:])
-    for flag, X in (("train", Xtr), ("test", Xte)):
-        asked = config[f"{flag}_subset"]
+    for split, X in (("train", Xtr), ("test", Xte)):
+        asked = config[f"{split}_subset"]
         if asked is not None and asked > X.shape[0]:
-            print(f"note: --{flag}-subset {asked} is more than the {X.shape[0]} samples of the "
-                  f"{flag} split; all of them are used")
+            print(f"note: --{split}-subset {asked} is more than the {X.shape[0]} samples of the "
+                  f"{split} split; all of them are used")
     n_classes = len(classes)
     config["norm"], config["classes"] = norm, classes
     if config["batch_size"] > Xtr.shape[0]:
@@ -672,8 +696,11 @@ def run(args):
         except RuntimeError:
             raise UserError(f"{out}/last.pt does not fit the network {cfg.sizes} built from "
                             f"the data in {config['data_dir']}: the data set or its classes "
-                            "changed since the run started; point --data-dir at the run's "
-                            "data or start a new run") from None
+                            "changed since the run started, or the file was altered; point "
+                            "--data-dir at the run's data or start a new run") from None
+        if not weights_finite(model):
+            raise UserError(f"{out}/last.pt holds non-finite weights: start a new run with a "
+                            "smaller --neural-lr or smaller learning rates")
         set_rng_states(ckpt["rng"], gen)
         metrics, start = ckpt["metrics"], ckpt["epoch"]
     model.to(device)
@@ -719,5 +746,11 @@ def run(args):
     return 0
 
 
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (a scheduler's kill, `kill PID`) stops a run the way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     sys.exit(main())

@@ -65,9 +65,7 @@ def score(args):
     except RuntimeError:
         raise train.UserError(f"{run_dir}/last.pt holds weights that do not fit its own "
                               "configuration: the file was altered") from None
-    if not train.weights_finite(model):
-        raise train.UserError(f"{run_dir}/last.pt holds non-finite weights: retrain with a "
-                              "smaller --neural-lr or smaller learning rates")
+    train.refuse_non_finite(model, run_dir)
     model.to(device)
     return cim.evaluate(model, X.to(device), labels.to(device), args.batch_size)
 

@@ -547,6 +547,13 @@ def weights_finite(model):
     return all(bool(torch.isfinite(b).all()) for b in model.buffers())
 
 
+def refuse_non_finite(model, run_dir):
+    """Stop with one line where the weights loaded from run_dir/last.pt are not finite."""
+    if not weights_finite(model):
+        raise UserError(f"{run_dir}/last.pt holds non-finite weights: start a new run with a "
+                        "smaller --neural-lr or smaller learning rates")
+
+
 def train_epoch(step, model, X, labels, batch_size, scale, gen, bar):
     """One pass over the shuffled training rows. Checks the output rates for divergence
     every 100 steps and the weights every 500 (a full scan each step would cost more)."""
@@ -698,9 +705,7 @@ def run(args):
                             f"the data in {config['data_dir']}: the data set or its classes "
                             "changed since the run started, or the file was altered; point "
                             "--data-dir at the run's data or start a new run") from None
-        if not weights_finite(model):
-            raise UserError(f"{out}/last.pt holds non-finite weights: start a new run with a "
-                            "smaller --neural-lr or smaller learning rates")
+        refuse_non_finite(model, out)
         set_rng_states(ckpt["rng"], gen)
         metrics, start = ckpt["metrics"], ckpt["epoch"]
     model.to(device)

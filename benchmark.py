@@ -113,8 +113,8 @@ def measure(args, device):
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         memory = "process resident memory"
-    big = model.W_ff[1:] + model.W_fb[1:] + model.B[1:]  # the relaxation's matrices
-    onednn = not args.plain and any(cim.Prepared.pays(W, m) for W in big)
+    onednn = not args.plain and any(P.packed is not None
+                                    for group in model.prepare(m) for P in group[1:])
     result = {"preset": args.preset, "device": str(device), "plain": args.plain,
               "onednn": onednn,
               "batch_size": m, "layers": model.cfg.sizes,

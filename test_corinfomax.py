@@ -448,6 +448,22 @@ needs_onednn = pytest.mark.skipif(not cim.onednn_linear_works(),
                                   reason="torch's oneDNN linear ops are missing here")
 
 
+def float32_and_float64_twins(cfg, seed, device="cpu"):
+    """The same network in float32 on `device` and in float64 on the CPU, holding the same
+    (float32) values exactly."""
+    fast = cim.CorInfoMax(cfg, seed=seed, dtype=torch.float32).to(device)
+    plain = cim.CorInfoMax(cfg, seed=seed, dtype=F64)
+    plain.load_state_dict(fast.state_dict())
+    return fast, plain
+
+
+def assert_weights_follow(fast, plain):
+    """Every buffer of the float32 network equals the float64 one up to float32 rounding."""
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[name].cpu().double(), value, rtol=1e-4,
+                                   atol=1e-5)
+
+
 @needs_onednn
 def test_large_float32_matrices_are_packed_for_batches_up_to_the_cap():
     W = torch.zeros(1000, 1000)
@@ -497,9 +513,7 @@ def test_float32_fast_step_follows_float64_plain_step(monkeypatch, packed):
     cfg = cim.Config(sizes=[30, 40, 24, 10], layer_types=["sparse", "sparse", "sparse"],
                      lr_ff=[0.3, 0.2, 0.1], lr_fb=[0.07, 0.05], q_lr=[0.01] * 3,
                      random_sign=False, t_free=8, t_nudged=4)
-    fast = cim.CorInfoMax(cfg, seed=2, dtype=torch.float32)
-    plain = cim.CorInfoMax(cfg, seed=2, dtype=F64)
-    plain.load_state_dict(fast.state_dict())  # the float32 values, exactly
+    fast, plain = float32_and_float64_twins(cfg, seed=2)
     gen = torch.Generator().manual_seed(9)
     for _ in range(2):
         x = torch.rand(30, 20, generator=gen)
@@ -508,9 +522,7 @@ def test_float32_fast_step_follows_float64_plain_step(monkeypatch, packed):
         free64 = plain.train_step(x.double(), labels)
         for k in range(1, 4):
             torch.testing.assert_close(free32[k].double(), free64[k], rtol=1e-4, atol=1e-5)
-    for name, value in plain.state_dict().items():
-        torch.testing.assert_close(fast.state_dict()[name].double(), value, rtol=1e-4,
-                                   atol=1e-5)
+    assert_weights_follow(fast, plain)
 
 
 @pytest.mark.parametrize("packed", [False, pytest.param(True, marks=needs_onednn)],
@@ -521,9 +533,7 @@ def test_float32_evaluation_batch_follows_float64_plain_free_phase(monkeypatch, 
     monkeypatch.setattr(cim, "ONEDNN_MIN_ENTRIES", 0 if packed else 10**12)
     cfg = cim.Config(sizes=[30, 40, 24, 10], layer_types=["sparse", "bounded", "sparse"],
                      lr_ff=[0.3, 0.2, 0.1], lr_fb=[0.07, 0.05], q_lr=[0.01] * 3, t_free=12)
-    fast = cim.CorInfoMax(cfg, seed=5, dtype=torch.float32)
-    plain = cim.CorInfoMax(cfg, seed=5, dtype=F64)
-    plain.load_state_dict(fast.state_dict())
+    fast, plain = float32_and_float64_twins(cfg, seed=5)
     x = torch.rand(30, 300, generator=torch.Generator().manual_seed(5)) * 4
     assert cim.Prepared.pays(fast.B[1], 300) == packed
     got = fast.free_phase(x, fast=True)
@@ -545,9 +555,7 @@ def test_graphed_steps_follow_float64_plain_steps(device):
     cfg = cim.Config(sizes=[30, 40, 24, 10], layer_types=["sparse", "bounded", "sparse"],
                      lr_ff=[0.3, 0.2, 0.1], lr_fb=[0.07, 0.05], q_lr=[0.01] * 3,
                      t_free=8, t_nudged=4)
-    fast = cim.CorInfoMax(cfg, seed=3).to(device)
-    plain = cim.CorInfoMax(cfg, seed=3, dtype=F64)
-    plain.load_state_dict(fast.state_dict())  # the float32 values, exactly
+    fast, plain = float32_and_float64_twins(cfg, seed=3, device=device)
     draws = torch.Generator().manual_seed(1)
     signs = [plain.draw_beta(draws) for _ in range(5)]
     assert len(set(signs)) == 2 and len(signs) > 2  # both graphs, and replays of one
@@ -563,9 +571,7 @@ def test_graphed_steps_follow_float64_plain_steps(device):
             torch.testing.assert_close(free[k].cpu().double(), expected[k], rtol=1e-4,
                                        atol=1e-5)
     assert len(graphed.graphs) == (2 if device == "cuda" else 0)
-    for name, value in plain.state_dict().items():
-        torch.testing.assert_close(fast.state_dict()[name].cpu().double(), value, rtol=1e-4,
-                                   atol=1e-5)
+    assert_weights_follow(fast, plain)
 
 
 def test_random_sign_nudging_uses_both_signs():
